@@ -1,0 +1,44 @@
+"""ns_plugin: nullspace methods for vision transformers, plugged into timm, torchattacks, robustbench
+and EasyRobust.
+
+Importing the package does nothing but define names (heavy modules load on first use);
+``ns_plugin.register()`` is what plugs things into the ecosystem.
+
+Papers: "Approximate Nullspace Augmented Finetuning for Robust Vision Transformers" and "Nullspace of
+Vision Transformers and what does it tell us?" (Liu et al.).
+"""
+from importlib import import_module as _imp
+
+__version__ = "0.1.0"
+
+from .errors import NSPluginError  # noqa: E402  (tiny, no heavy imports)
+
+# public name -> module that defines it (loaded lazily)
+_LAZY = {
+    "load_digits": "ns_plugin.data",
+    "image_folder": "ns_plugin.data",
+    "build_default_model": "ns_plugin.models",
+    "Normalize": "ns_plugin.models",
+    "train_default_model": "ns_plugin.embedded",
+    "default_model": "ns_plugin.embedded",
+    "save_checkpoint": "ns_plugin.checkpoint",
+    "load_checkpoint": "ns_plugin.checkpoint",
+    "read_checkpoint": "ns_plugin.checkpoint",
+    "exact_nullspace": "ns_plugin.nullspace.exact",
+    "register": "ns_plugin.registry",
+}
+
+__all__ = ["NSPluginError", "__version__", *_LAZY]
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'ns_plugin' has no attribute {name!r}")
+    value = getattr(_imp(mod), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)

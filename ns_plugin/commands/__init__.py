@@ -1,0 +1,1 @@
+"""CLI subcommands (see :mod:`ns_plugin.cli`)."""

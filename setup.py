@@ -1,0 +1,38 @@
+"""ns_plugin: nullspace methods for vision transformers in the timm / torchattacks / robustbench /
+EasyRobust ecosystem.
+
+``pip install -e .`` installs the package and the requirements that resolve cleanly. robustbench and
+easyrobust pin incompatible timm versions, so ``make`` (tools/bootstrap.sh) installs those two the way
+README "Why the install is unusual" explains.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="ns_plugin",
+    version="0.1.0",
+    description="Nullspace methods for vision transformers, as a plugin for timm, torchattacks, "
+                "robustbench and EasyRobust",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ns_plugin", "ns_plugin.*"]),
+    install_requires=[
+        "torch>=2.1",
+        "torchvision",
+        "timm>=1.0,<1.1",
+        "numpy",
+        "scipy",
+        "tqdm",
+        "matplotlib",
+        "scikit-learn",
+        "pyyaml",
+    ],
+    extras_require={
+        # installed with --no-deps by tools/bootstrap.sh because of upstream pins (see README)
+        "ecosystem": ["torchattacks==3.5.1", "robustbench==1.1.1", "easyrobust==0.2.4", "pyautoattack"],
+        "test": ["pytest"],
+    },
+    entry_points={
+        "console_scripts": ["ns-plugin=ns_plugin.cli:main"],
+    },
+)

@@ -1,0 +1,30 @@
+"""Shared fixtures: the real embedded data and one trained tiny ViT per test session."""
+import os
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from ns_plugin.data import load_digits
+    return load_digits(seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained(digits):
+    """(model, metrics): the embedded default trained once for the whole session (~15 s)."""
+    from ns_plugin.embedded import train_default_model
+    model, metrics = train_default_model(digits, progress=False)
+    return model, metrics
+
+
+@pytest.fixture
+def model(trained):
+    """A fresh copy of the trained model for tests that may modify it."""
+    import copy
+    return copy.deepcopy(trained[0]).eval()
