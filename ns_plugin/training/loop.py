@@ -1,0 +1,614 @@
+"""The one training loop shared by every method (001 Alg. 1's outer structure for all of them).
+
+``K`` rounds of ``S`` model steps. At the start of each round the method may compute a per-round
+quantity (NS: the ε-approximate noise of 001 Eq. 8); every step it supplies its loss; the loop does the
+rest: AdamW + cosine schedule, AMP on CUDA, gradient clipping, model EMA, DDP, per-round logging and
+an atomic resumable checkpoint at every round boundary.
+
+Distributed training (``torchrun``): the model is wrapped in ``DistributedDataParallel``; every global
+batch is the same whatever the world size (each rank takes its slice). **The noise is searched once, on
+rank 0, with the unwrapped model, and broadcast** (``dist.broadcast``) to every rank together with its
+statistics, so all ranks train with the identical noise. The other ranks wait during the search.
+
+Resume: ``out/last.pth`` (written atomically, weights_only-loadable) holds the model, optimiser,
+scheduler, AMP scaler, EMA, the method's state (the current noise), the round, the data position and
+every rank's RNG states (torch, CUDA, Python, NumPy as tensors). A run killed at any point and resumed
+reproduces an uninterrupted run exactly on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import NSPluginError
+from .config import TrainConfig
+
+CHECKPOINT_FORMAT = "ns_plugin.train.v1"
+#: Config keys that must not change when a run is resumed (they define the data order and schedule).
+RESUME_FIXED = ("model", "data", "batch_size", "steps_per_round", "rounds", "seed", "train_limit", "sched")
+
+
+# ---------------------------------------------------------------------------------------------------
+# small pieces
+# ---------------------------------------------------------------------------------------------------
+class ModelEma:
+    """Exponential moving average of a model's weights (float tensors; other buffers are copied)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9998):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        src = model.state_dict()
+        for k, v in self.module.state_dict().items():
+            s = src[k].detach()
+            if v.dtype.is_floating_point:
+                v.mul_(self.decay).add_(s.to(v.dtype), alpha=1 - self.decay)
+            else:
+                v.copy_(s)
+
+
+def architecture_signature(model: nn.Module) -> str:
+    """A short hash of the state-dict keys and shapes: equal for the same architecture."""
+    from ..checkpoint import state_dict_of
+
+    sd = state_dict_of(model)
+    text = ";".join(f"{k}:{tuple(v.shape)}" for k, v in sorted(sd.items()))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+class BatchStream:
+    """Deterministic, resumable order of training indices: epochs of seeded permutations concatenated;
+    global batch ``i`` is positions ``[i*B, (i+1)*B)`` of that sequence, and rank ``r`` of ``W`` takes
+    the ``r``-th slice of it. The state is a single counter."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.local = batch_size // world
+        self.batches = 0
+        self._perms: Dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 7_919 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g)}
+        return self._perms[epoch]
+
+    def next(self) -> torch.Tensor:
+        start = self.batches * self.batch_size + self.rank * self.local
+        pos = torch.arange(start, start + self.local)
+        out = torch.empty(self.local, dtype=torch.long)
+        for e in pos.div(self.n, rounding_mode="floor").unique().tolist():
+            m = pos.div(self.n, rounding_mode="floor") == e
+            out[m] = self._perm(int(e))[pos[m] % self.n]
+        self.batches += 1
+        return out
+
+
+def _rng_state(device: torch.device) -> Dict[str, Any]:
+    import numpy as np
+
+    py = random.getstate()
+    npst = np.random.get_state()
+    st = {"torch": torch.get_rng_state(),
+          "python": torch.tensor(list(py[1]), dtype=torch.int64), "python_version": int(py[0]),
+          "numpy": torch.from_numpy(npst[1].astype("int64")), "numpy_pos": int(npst[2]),
+          "numpy_has_gauss": int(npst[3]), "numpy_gauss": float(npst[4])}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(st: Dict[str, Any], device: torch.device) -> None:
+    import numpy as np
+
+    torch.set_rng_state(st["torch"].to(torch.uint8).cpu())
+    random.setstate((st["python_version"], tuple(int(v) for v in st["python"].tolist()), None))
+    np.random.set_state(("MT19937", st["numpy"].numpy().astype("uint32"), st["numpy_pos"],
+                         st["numpy_has_gauss"], st["numpy_gauss"]))
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"].cpu(), device)
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# distributed
+# ---------------------------------------------------------------------------------------------------
+def init_distributed() -> Tuple[int, int, torch.device]:
+    """``(rank, world_size, device)``. Under ``torchrun`` (``WORLD_SIZE`` > 1) initialises the process group:
+    NCCL on CUDA, gloo otherwise. Outside it: ``(0, 1, cuda:0 or cpu)``."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if cuda:
+            torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
+        return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+    return 0, 1, torch.device("cuda:0" if cuda else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# model and data
+# ---------------------------------------------------------------------------------------------------
+def build_model(cfg: TrainConfig, progress: bool = False) -> nn.Module:
+    """``Sequential(Normalize, net)`` named by ``cfg.model`` ("default" = the cached trained tiny ViT, or a
+    timm model name), optionally loaded from ``cfg.checkpoint``."""
+    from ..checkpoint import load_into, read_checkpoint
+    from ..models import build_default_model, wrap
+
+    if cfg.model == "default":
+        if cfg.checkpoint:
+            model = build_default_model(num_classes=cfg.num_classes or 10)
+        else:
+            from ..embedded import default_model
+            model = copy.deepcopy(default_model(progress=progress)[0])
+            if cfg.num_classes not in (None, 10):
+                raise NSPluginError(f"the embedded default model has 10 classes, not {cfg.num_classes}; "
+                                    f"drop num_classes or use a timm model name")
+    else:
+        import timm
+        try:
+            kw = {"num_classes": cfg.num_classes} if cfg.num_classes else {}
+            net = timm.create_model(cfg.model, pretrained=cfg.pretrained, **kw)
+        except RuntimeError as e:
+            raise NSPluginError(f"cannot create timm model {cfg.model!r}: {str(e).splitlines()[0][:120]}") from None
+        except Exception as e:  # noqa: BLE001 (download failures come in many types)
+            raise NSPluginError(f"cannot create timm model {cfg.model!r} ({type(e).__name__}); pretrained "
+                                f"weights need network access once") from None
+        dc = getattr(net, "pretrained_cfg", {}) or {}
+        model = wrap(net, dc.get("mean", (0.485, 0.456, 0.406)), dc.get("std", (0.229, 0.224, 0.225)))
+    if cfg.checkpoint:
+        ckpt = read_checkpoint(cfg.checkpoint)
+        load_into(model, ckpt["state_dict"], source=f"checkpoint {cfg.checkpoint}")
+    return model
+
+
+def build_data(cfg: TrainConfig, model: nn.Module):
+    """``(train_dataset, probe (x, y) or None)``: the embedded digits, or an ImageFolder root (with
+    ``train/`` and optional ``val/`` subfolders, or the classes directly)."""
+    from ..data import image_folder, load_digits, tensors
+    from ..models import input_size
+
+    if cfg.data == "digits":
+        s = load_digits(seed=0)
+        train = s.train
+        probe = tensors(s.val, cfg.probe_size) if cfg.probe else None
+    else:
+        root = Path(cfg.data)
+        if not root.is_dir():
+            raise NSPluginError(f"data folder {root} does not exist; use data: digits or an ImageFolder root")
+        size = cfg.image_size or ((input_size(model) or (3, None, None))[1])
+        tr = root / "train" if (root / "train").is_dir() else root
+        train = image_folder(tr, size)
+        probe = tensors(image_folder(root / "val", size), cfg.probe_size) if cfg.probe and (root / "val").is_dir() else None
+    if cfg.train_limit:
+        from torch.utils.data import Subset, TensorDataset
+        n = min(cfg.train_limit, len(train))
+        train = TensorDataset(*[t[:n] for t in train.tensors]) if isinstance(train, TensorDataset) else Subset(train, range(n))
+    return train, probe
+
+
+def _fetch(ds, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    from torch.utils.data import TensorDataset
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[0][idx], ds.tensors[1][idx]
+    items = [ds[int(i)] for i in idx]
+    return torch.stack([a for a, _ in items]), torch.tensor([int(b) for _, b in items])
+
+
+def search_and_broadcast(raw: nn.Module, x: Optional[torch.Tensor], cfg: TrainConfig, rnd: int, *,
+                         init: Optional[torch.Tensor] = None, world: int = 1, rank: int = 0,
+                         device: Optional[torch.device] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """Run ``ns_plugin.nullspace.approximate.search_noise`` on rank 0 (fp32, eval mode, unwrapped model,
+    init seeded by ``(cfg.seed, rnd)``) and ``dist.broadcast`` the noise and its statistics to every rank.
+
+    Returns ``(noise (1, N, D), {"noise_steps", "mse_prob", "noise_norm", "reached", "search_seconds"})``;
+    every rank gets the identical noise. ``x`` is only used (and needed) on rank 0."""
+    from ..anatomy import token_shape
+
+    device = device or next(raw.parameters()).device
+    n, d = token_shape(raw)
+    stats = torch.zeros(5, dtype=torch.float64, device=device)
+    if rank == 0:
+        from ..nullspace.approximate import search_noise
+
+        g = torch.Generator(device=device).manual_seed((cfg.seed * 1_000_003 + rnd * 101 + 1) % (2 ** 63))
+        was = raw.training
+        raw.eval()
+        try:
+            with torch.autocast(device.type, enabled=False):
+                noise, rec = search_noise(raw, x.to(device), eps=cfg.eps, lim=cfg.lim, lr=cfg.noise_lr,
+                                          max_steps=cfg.noise_max_steps, init=init, mode=cfg.search,
+                                          generator=g, progress=False)
+        finally:
+            raw.train(was)
+            for p in raw.parameters():
+                p.grad = None
+        noise = noise.detach().float().reshape(1, n, d).to(device)
+        stats = torch.tensor([rec.steps, rec.mse_prob, rec.norm, float(bool(rec.reached)), rec.seconds],
+                             dtype=torch.float64, device=device)
+    else:
+        noise = torch.zeros(1, n, d, device=device)
+    if world > 1:
+        import torch.distributed as dist
+        dist.broadcast(noise, 0)
+        dist.broadcast(stats, 0)
+    s = stats.tolist()
+    return noise, {"noise_steps": int(s[0]), "mse_prob": s[1], "noise_norm": s[2], "reached": bool(s[3]),
+                   "search_seconds": s[4]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the trainer
+# ---------------------------------------------------------------------------------------------------
+class Trainer:
+    """Runs ``cfg.method`` for ``cfg.rounds`` x ``cfg.steps_per_round`` steps; see the module docstring.
+
+    Use :func:`train` rather than this class directly. ``model``/``train_set``/``probe`` default to what
+    ``cfg`` names (:func:`build_model`, :func:`build_data`).
+    """
+
+    def __init__(self, cfg: TrainConfig, out: Optional[os.PathLike] = None, *, model: Optional[nn.Module] = None,
+                 train_set=None, probe=None, resume: bool = False):
+        from ..registry import trainers
+        from . import methods as _m  # noqa: F401
+
+        self.cfg = cfg.validate()
+        self.out = Path(out) if out is not None else None
+        self.rank, self.world, self.device = init_distributed()
+        self.is_main = self.rank == 0
+        if cfg.world_size is not None and cfg.world_size != self.world:
+            raise NSPluginError(f"this config expects world_size {cfg.world_size} but the launch has {self.world} "
+                                f"process(es); use torchrun --nproc_per_node {cfg.world_size} or set world_size")
+        if cfg.batch_size % self.world:
+            raise NSPluginError(f"batch_size {cfg.batch_size} is not divisible by the world size {self.world}")
+        method_cls = trainers.get(cfg.method)
+
+        # --- checks before anything is written
+        ckpt = None
+        if self.out is not None:
+            last = self.out / "last.pth"
+            if resume:
+                if not last.is_file():
+                    raise NSPluginError(f"nothing to resume: {last} does not exist; run without --resume first")
+                from ..checkpoint import read_checkpoint
+                ckpt = read_checkpoint(last)
+                if ckpt["meta"].get("format") != CHECKPOINT_FORMAT:
+                    raise NSPluginError(f"{last} is not an ns_plugin training checkpoint; choose another --out")
+            elif last.is_file() or (self.out / "model.pth").is_file():
+                raise NSPluginError(f"{self.out} already holds a training run; pass --resume to continue it "
+                                    f"or choose another --out")
+        elif resume:
+            raise NSPluginError("resume needs an output folder (--out DIR)")
+
+        _seed_everything(cfg.seed + self.rank)
+        raw = model if model is not None else build_model(cfg, progress=cfg.progress and self.is_main)
+        self.arch = architecture_signature(raw)
+        if ckpt is not None:
+            self._check_resume(ckpt["meta"])
+        if train_set is None:
+            train_set, p = build_data(cfg, raw)
+            probe = p if probe is None else probe
+        self.train_set, self.probe = train_set, probe
+        if len(train_set) < 1:
+            raise NSPluginError("the training set is empty")
+
+        self.raw = raw.to(self.device).train()
+        self.model: nn.Module = self.raw
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.model = DDP(self.raw, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.ema = ModelEma(self.raw, cfg.model_ema_decay) if cfg.model_ema else None
+        self.opt = torch.optim.AdamW(self.raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        total = cfg.rounds * cfg.steps_per_round
+        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total) if cfg.sched == "cosine"
+                      else torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0))
+        self.use_amp = bool(cfg.amp and self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.stream = BatchStream(len(train_set), cfg.batch_size, cfg.seed, self.rank, self.world)
+        self.method = method_cls(cfg)
+        self.method.setup(self)
+        self.round = 0
+        self.log: List[Dict[str, Any]] = []
+        if ckpt is not None:
+            self._load_state(ckpt)
+
+    # --- helpers used by the methods ------------------------------------------------------------------
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.float16) if self.use_amp else contextlib.nullcontext()
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def search_images(self, rnd: int) -> torch.Tensor:
+        """The images the noise search of round ``rnd`` uses (seeded, the same on every rank)."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + 104_729 + rnd)
+        k = min(self.cfg.search_batch_size, len(self.train_set))
+        idx = torch.randperm(len(self.train_set), generator=g)[:k]
+        return _fetch(self.train_set, idx)[0].to(self.device)
+
+    def find_noise(self, rnd: int, init: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """The ε-approximate noise for round ``rnd`` (001 Eq. 8) on :meth:`search_images`: searched on rank 0
+        in fp32 and eval mode with the unwrapped model, then broadcast to every rank."""
+        x = self.search_images(rnd) if self.is_main else None
+        return search_and_broadcast(self.raw, x, self.cfg, rnd, init=init, world=self.world, rank=self.rank,
+                                    device=self.device)
+
+    @torch.no_grad()
+    def mse_prob(self, noise: torch.Tensor, rnd: int = 0) -> float:
+        """001 Alg. 1 line 8: mean over the round's search images of ‖softmax(z') − softmax(z)‖²."""
+        from ..anatomy import inject_noise
+
+        x = self.search_images(rnd)
+        was = self.raw.training
+        self.raw.eval()
+        try:
+            p = self.raw(x).softmax(1)
+            with inject_noise(self.raw, noise.to(self.device)):
+                q = self.raw(x).softmax(1)
+        finally:
+            self.raw.train(was)
+        return float(((q - p) ** 2).sum(1).mean())
+
+    # --- the loop -------------------------------------------------------------------------------------
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+        """One model step with the method's loss (AMP, clipping, EMA included)."""
+        cfg = self.cfg
+        loss, parts = self.method.loss(self, x, y)
+        if not torch.isfinite(loss):
+            raise NSPluginError(f"the {cfg.method} loss became {float(loss)}; lower lr or enable clip_grad")
+        self.zero_grad()
+        self.scaler.scale(loss).backward()
+        if cfg.clip_grad:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.clip_grad)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update(self.raw)
+        return dict(parts, loss=float(loss.detach()))
+
+    def run(self) -> Dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        if self.is_main and self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main and self.round == 0 and cfg.probe and self.probe is not None:
+            self.log.append(dict(round=0, step=0, method=cfg.method, **self.run_probe()))
+        bar = tqdm(total=cfg.rounds, initial=self.round, desc=f"train {cfg.method}",
+                   disable=not (cfg.progress and self.is_main), leave=False)
+        while self.round < cfg.rounds:
+            t0 = time.time()
+            row: Dict[str, Any] = {"round": self.round + 1}
+            row.update(self.method.begin_round(self, self.round))
+            sums: Dict[str, float] = {}
+            self.raw.train()
+            for _ in range(cfg.steps_per_round):
+                x, y = _fetch(self.train_set, self.stream.next())
+                parts = self.step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            parts = {k: v / cfg.steps_per_round for k, v in sums.items()}
+            if self.world > 1:
+                import torch.distributed as dist
+                keys = sorted(parts)
+                t = torch.tensor([parts[k] for k in keys], dtype=torch.float64, device=self.device)
+                dist.all_reduce(t)
+                parts = dict(zip(keys, (t / self.world).tolist()))
+            self.round += 1
+            row.update({"step": self.round * cfg.steps_per_round, "method": cfg.method,
+                        "lr": self.opt.param_groups[0]["lr"], **parts})
+            if self.is_main and cfg.probe and self.probe is not None:
+                row.update(self.run_probe())
+            row["seconds"] = time.time() - t0
+            self.log.append(row)
+            self.save_last()
+            bar.update(1)
+            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "noise_norm") if k in row})
+        bar.close()
+        return self.finish()
+
+    @torch.no_grad()
+    def run_probe(self) -> Dict[str, float]:
+        """Held-out probe: clean accuracy and FGSM (ε 1/255, as 001 App. C) accuracy of the current model."""
+        import torchattacks
+
+        from ..embedded import accuracy
+
+        x, y = self.probe
+        out = {"probe_clean_acc": accuracy(self.raw, x, y)}
+        was = self.raw.training
+        self.raw.eval()
+        with torch.enable_grad():
+            atk = torchattacks.FGSM(self.raw, eps=1 / 255)
+            adv = torch.cat([atk(x[i:i + 128].to(self.device), y[i:i + 128].to(self.device)).cpu()
+                             for i in range(0, len(x), 128)])
+        self.zero_grad()
+        self.raw.train(was)
+        out["probe_fgsm_acc"] = accuracy(self.raw, adv, y)
+        return out
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+    def _meta(self) -> Dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "method": self.cfg.method, "arch": self.arch,
+                "model": self.cfg.model, "world_size": self.world, "round": self.round,
+                "rounds": self.cfg.rounds, "config": self.cfg.to_dict()}
+
+    def _gather_rng(self) -> List[Dict[str, Any]]:
+        st = _rng_state(self.device)
+        if self.world == 1:
+            return [st]
+        import torch.distributed as dist
+        allst: List[Any] = [None] * self.world
+        dist.all_gather_object(allst, {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in st.items()})
+        return allst
+
+    def save_last(self) -> None:
+        """Write ``out/last.pth`` atomically (rank 0; every rank's RNG state is gathered first)."""
+        rng = self._gather_rng()
+        if not self.is_main or self.out is None:
+            return
+        from ..checkpoint import save_checkpoint
+
+        save_checkpoint(self.out / "last.pth", self.raw, ema=self.ema.module if self.ema else None, meta=self._meta(),
+                        optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
+                        scaler=self.scaler.state_dict(), method_state=self.method.state_dict(),
+                        stream={"batches": self.stream.batches}, rng=rng, log=self.log)
+        self.write_log()
+
+    def _check_resume(self, meta: Dict[str, Any]) -> None:
+        last = self.out / "last.pth"
+        if meta.get("method") != self.cfg.method:
+            raise NSPluginError(f"{last} is a {meta.get('method')!r} run but this is {self.cfg.method!r}; "
+                                f"resume with --method {meta.get('method')} or choose another --out")
+        if meta.get("arch") != self.arch:
+            raise NSPluginError(f"{last} was saved for another architecture ({meta.get('model')!r}); "
+                                f"use the same model as that run or choose another --out")
+        if meta.get("world_size") != self.world:
+            raise NSPluginError(f"{last} was written by {meta.get('world_size')} process(es) but this launch has "
+                                f"{self.world}; resume with torchrun --nproc_per_node {meta.get('world_size')}")
+        old = meta.get("config", {})
+        for k in RESUME_FIXED:
+            if k in old and old[k] != getattr(self.cfg, k):
+                raise NSPluginError(f"{last} was run with {k}={old[k]!r} but the config now says "
+                                    f"{getattr(self.cfg, k)!r}; resume with the same {k}")
+
+    def _load_state(self, ckpt: Dict[str, Any]) -> None:
+        from ..checkpoint import load_into
+
+        load_into(self.raw, ckpt["state_dict"], source="last.pth")
+        if self.ema is not None:
+            if not isinstance(ckpt.get("state_dict_ema"), dict):
+                raise NSPluginError("last.pth has no EMA weights but model_ema is on; resume with model_ema: false")
+            load_into(self.ema.module, ckpt["state_dict_ema"], source="last.pth (EMA)")
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        ms = dict(ckpt.get("method_state") or {})
+        if isinstance(ms.get("noise"), torch.Tensor):
+            ms["noise"] = ms["noise"].to(self.device)
+        self.method.load_state_dict(ms)
+        self.stream.batches = int(ckpt["stream"]["batches"])
+        self.round = int(ckpt["meta"]["round"])
+        self.log = list(ckpt.get("log") or [])
+        _set_rng_state(ckpt["rng"][self.rank], self.device)
+
+    def finish(self) -> Dict[str, Any]:
+        """Write the final safe ``model.pth`` (+ EMA), the log and the plot; return a summary."""
+        summary = {"method": self.cfg.method, "rounds": self.round, "steps": self.stream.batches,
+                   "log": self.log}
+        if self.is_main and self.out is not None:
+            from ..checkpoint import save_checkpoint
+
+            meta = self._meta()
+            meta["final"] = {k: v for k, v in (self.log[-1] if self.log else {}).items()
+                             if isinstance(v, (int, float, str, bool))}
+            save_checkpoint(self.out / "model.pth", self.raw, ema=self.ema.module if self.ema else None, meta=meta)
+            self.write_log()
+            if self.cfg.plot and self.log:
+                plot_log(self.log, self.out / "fig4.png", title=f"{self.cfg.method}")
+            summary["out"] = str(self.out)
+        return summary
+
+    def write_log(self) -> None:
+        if self.out is not None and self.is_main:
+            write_log(self.log, self.out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# logs and plot
+# ---------------------------------------------------------------------------------------------------
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_log(rows: List[Dict[str, Any]], out: Path) -> None:
+    """``out/log.json`` (a list of per-round dicts) and ``out/log.csv`` (one column per key), atomically."""
+    out = Path(out)
+    _atomic_text(out / "log.json", json.dumps(rows, indent=1))
+    keys: List[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    _atomic_text(out / "log.csv", buf.getvalue())
+
+
+#: Series of the Fig. 4-style plot (001 §5.4), when present in the log.
+PLOT_KEYS = ("noise_norm", "mse_prob", "noise_steps", "loss", "ce_clean", "ce_noise", "probe_clean_acc",
+             "probe_fgsm_acc")
+
+
+def plot_log(rows: List[Dict[str, Any]], path: os.PathLike, title: str = "") -> Optional[Path]:
+    """001 Fig. 4 style: each metric over model steps, divided by its first value. Returns the path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = 0
+    for k in PLOT_KEYS:
+        pts = [(r["step"], float(r[k])) for r in rows if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+        if len(pts) < 1 or pts[0][1] == 0 or not math.isfinite(pts[0][1]):
+            continue
+        base = pts[0][1]
+        ax.plot([p[0] for p in pts], [p[1] / base for p in pts], marker="o", ms=3, label=k)
+        drawn += 1
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("model steps")
+    ax.set_ylabel("value / value at start")
+    ax.set_title(f"{title} (normalised to start, as in 001 Fig. 4)")
+    if drawn:
+        ax.legend(fontsize=7)
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def train(cfg: TrainConfig, out: Optional[os.PathLike] = None, *, resume: bool = False,
+          model: Optional[nn.Module] = None, train_set=None, probe=None) -> Dict[str, Any]:
+    """Fine-tune with ``cfg.method`` (see :mod:`ns_plugin.training.methods`); returns a summary with the
+    per-round ``log``. With ``out``: ``out/last.pth`` (resumable), ``out/model.pth`` (safe, final),
+    ``out/log.csv``, ``out/log.json`` and ``out/fig4.png``. ``resume=True`` continues from ``out``."""
+    t = Trainer(cfg, out, model=model, train_set=train_set, probe=probe, resume=resume)
+    summary = t.run()
+    summary["model"] = t.raw
+    summary["ema"] = t.ema.module if t.ema else None
+    return summary

@@ -1,0 +1,281 @@
+"""Training methods: small objects that plug a loss (and, for NS, a noise) into the one shared loop.
+
+A method sees the :class:`ns_plugin.training.loop.Trainer` ``t`` and uses
+
+- ``t.model`` (possibly DDP-wrapped: use it for the loss that is back-propagated),
+- ``t.raw`` (the unwrapped model: use it for attacks and the noise search, which are local),
+- ``t.autocast()`` (AMP on CUDA, a no-op otherwise), ``t.cfg`` (:class:`TrainConfig`),
+- ``t.find_noise(round, init)`` (the ε-approximate noise search, identical on every rank).
+
+Registered in :data:`ns_plugin.registry.trainers`:
+
+========== =====================================================================================
+standard   CE(clean): plain fine-tuning with the same schedule (the baseline of 001 Table 2)
+ns         001 Alg. 1: per round a noise search to the ε boundary, then S steps of
+           CE(clean) + CE(clean + noise) (noise added to the patch tokens, 001 Eq. 6)
+random     001 Table 4 ablation: Gaussian token noise with the norm of this round's learnt noise
+madry      PGD adversarial training (Madry et al. 2018), L∞ 8/255, step 2/255, 10 steps, random start
+trades     TRADES (Zhang et al. 2019): CE(clean) + β·KL(p(clean) ‖ p(adv)), KL-PGD inner maximisation
+dat        Discrete Adversarial Training (Mao et al. 2022) as in EasyRobust's DAT example
+dat_ns     DAT + the NS term (001 Table 2, "ViT-B + DAT + NS")
+========== =====================================================================================
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import NSPluginError
+from ..registry import trainers
+
+Parts = Dict[str, float]
+
+
+class Method:
+    """Base class: CE on clean images. Subclasses override :meth:`loss` and, if they need a per-round
+    quantity (a noise), :meth:`begin_round` plus :meth:`state_dict`/:meth:`load_state_dict`."""
+
+    name = "method"
+    uses_noise = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def setup(self, t) -> None:
+        """Called once, after the model is on its device (and wrapped in DDP)."""
+
+    def begin_round(self, t, rnd: int) -> Dict[str, Any]:
+        """Called at the start of round ``rnd`` (0-based); returns values for the round's log row."""
+        return {}
+
+    def loss(self, t, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, Parts]:
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+    # shared pieces -------------------------------------------------------------------------------
+    @staticmethod
+    def ce(t, x, y) -> torch.Tensor:
+        with t.autocast():
+            return F.cross_entropy(t.model(x), y)
+
+
+@trainers.register("standard")
+class Standard(Method):
+    """Plain fine-tuning: CE(clean), with the same optimiser, schedule and rounds as the other methods."""
+
+    name = "standard"
+
+    def loss(self, t, x, y):
+        loss = self.ce(t, x, y)
+        return loss, {"ce_clean": float(loss.detach())}
+
+
+class _NoiseMixin:
+    """Per-round token noise (001 Alg. 1 lines 3-14) and the CE(clean + noise) term (line 19)."""
+
+    noise: Optional[torch.Tensor] = None
+
+    def state_dict(self):
+        return {"noise": None if self.noise is None else self.noise.detach().cpu().clone()}
+
+    def load_state_dict(self, state):
+        n = state.get("noise")
+        self.noise = None if n is None else n.clone()
+
+    def _learn(self, t, rnd: int) -> Dict[str, Any]:
+        init = self.noise if (self.cfg.warm_start and self.noise is not None) else None
+        noise, stats = t.find_noise(rnd, init=init)
+        self.noise = noise
+        return stats
+
+    def noisy_ce(self, t, x, y) -> torch.Tensor:
+        from ..anatomy import inject_noise
+
+        noise = self.noise.to(device=x.device)
+        with t.autocast(), inject_noise(t.model, noise):
+            return F.cross_entropy(t.model(x), y)
+
+
+@trainers.register("ns")
+class Nullspace(_NoiseMixin, Method):
+    """NS-ViT (001 Alg. 1): ε-approximate nullspace noise each round, loss CE(clean) + CE(clean + noise)."""
+
+    name = "ns"
+    uses_noise = True
+
+    def begin_round(self, t, rnd):
+        return self._learn(t, rnd)
+
+    def loss(self, t, x, y):
+        clean = self.ce(t, x, y)
+        noisy = self.noisy_ce(t, x, y)
+        return clean + noisy, {"ce_clean": float(clean.detach()), "ce_noise": float(noisy.detach())}
+
+
+@trainers.register("random")
+class RandomNoise(Nullspace):
+    """001 Table 4 ablation: the same loss with Gaussian token noise whose ℓ2 norm matches this round's
+    learnt ε-approximate noise (or ``random_norm`` when set, which skips the search)."""
+
+    name = "random"
+
+    def begin_round(self, t, rnd):
+        from ..anatomy import token_shape
+
+        if self.cfg.random_norm is None:
+            stats = self._learn(t, rnd)          # the learnt noise only fixes the norm
+            norm = stats["noise_norm"]
+        else:
+            stats, norm = {}, float(self.cfg.random_norm)
+        g = torch.Generator().manual_seed(_round_seed(self.cfg.seed, rnd, 2))
+        n, d = token_shape(t.raw)
+        direction = torch.randn(1, n, d, generator=g)   # same on every rank (same seed)
+        self.noise = (direction * (norm / direction.norm())).to(t.device)
+        stats = {("learnt_" + k if k.startswith(("noise_", "mse_")) else k): v for k, v in stats.items()}
+        stats["noise_norm"] = float(self.noise.norm())
+        stats["mse_prob"] = t.mse_prob(self.noise, rnd)
+        return stats
+
+
+def _round_seed(seed: int, rnd: int, purpose: int) -> int:
+    return (int(seed) * 1_000_003 + rnd * 101 + purpose) % (2 ** 63)
+
+
+@trainers.register("madry")
+class Madry(Method):
+    """PGD adversarial training (Madry et al. 2018): L∞ PGD with random start (torchattacks.PGD,
+    ε 8/255, step 2/255, 10 steps by default); loss CE(adv) + ``madry_clean_weight``·CE(clean).
+    The default weight 0 is classic Madry; 1 is the NS-ViT reference code's variant."""
+
+    name = "madry"
+
+    def setup(self, t):
+        import torchattacks
+        c = self.cfg
+        self.attack = torchattacks.PGD(t.raw, eps=c.pgd_eps, alpha=c.pgd_alpha, steps=c.pgd_steps, random_start=True)
+
+    def loss(self, t, x, y):
+        adv = self.attack(x, y).detach()    # before any DDP forward of this step
+        adv_ce = self.ce(t, adv, y)
+        parts = {"ce_adv": float(adv_ce.detach())}
+        loss = adv_ce
+        if self.cfg.madry_clean_weight:
+            clean = self.ce(t, x, y)
+            loss = loss + self.cfg.madry_clean_weight * clean
+            parts["ce_clean"] = float(clean.detach())
+        return loss, parts
+
+
+@trainers.register("trades")
+class Trades(Method):
+    """TRADES (Zhang et al. 2019): adversarial images by KL-PGD from x + 0.001·N(0, I)
+    (torchattacks.TPGD, ε 8/255, step 2/255, 10 steps); loss CE(clean) + β·KL(p(clean) ‖ p(adv)),
+    β = ``trades_beta`` (default 6 as in the TRADES paper; the NS-ViT reference code used 1)."""
+
+    name = "trades"
+
+    def setup(self, t):
+        import torchattacks
+        c = self.cfg
+        self.attack = torchattacks.TPGD(t.raw, eps=c.pgd_eps, alpha=c.pgd_alpha, steps=c.pgd_steps)
+
+    def loss(self, t, x, y):
+        adv = self.attack(x).detach()
+        with t.autocast():
+            both = t.model(torch.cat([x, adv]))
+        clean_logits, adv_logits = both.float().chunk(2)
+        ce = F.cross_entropy(clean_logits, y)
+        kl = F.kl_div(F.log_softmax(adv_logits, 1), F.softmax(clean_logits, 1), reduction="batchmean")
+        return ce + self.cfg.trades_beta * kl, {"ce_clean": float(ce.detach()), "kl_adv": float(kl.detach())}
+
+
+def build_vqgan(name: str = "small", *, seed: int = 0, device=None):
+    """EasyRobust's VQGAN (``easyrobust.third_party.vqgan.VQModel``) in eval mode, frozen.
+
+    ``small`` is randomly initialised (seeded) for offline tests; ``openimages_f8_16384`` loads the
+    pretrained checkpoint EasyRobust's DAT example uses (downloads it: needs network)."""
+    from easyrobust.third_party.vqgan import VQModel
+
+    from .config import VQGAN_CONFIGS
+
+    if name not in VQGAN_CONFIGS:
+        raise NSPluginError(f"unknown VQGAN config {name!r} (known: {', '.join(sorted(VQGAN_CONFIGS))})")
+    spec = VQGAN_CONFIGS[name]
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        vq = VQModel(dict(spec["ddconfig"]), n_embed=spec["n_embed"], embed_dim=spec["embed_dim"])
+    finally:
+        torch.random.set_rng_state(state)
+    if spec["url"]:
+        try:
+            vq.init_from_ckpt(spec["url"])
+        except Exception as e:  # noqa: BLE001 (network errors come in many types)
+            raise NSPluginError(f"cannot load the VQGAN checkpoint {spec['url']} ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:100] if str(e) else ''}); it needs network "
+                                f"access once, or use vqgan: small") from None
+    vq.eval().requires_grad_(False)
+    return vq.to(device) if device is not None else vq
+
+
+@trainers.register("dat")
+class DAT(Method):
+    """Discrete Adversarial Training (Mao et al., NeurIPS 2022) as EasyRobust's DAT example does it:
+    x_rec = VQGAN(x); x_adv = one L2 PGD step on x_rec (EasyRobust's ``pgd_generator``, ε 0.1, lr 0.1,
+    random start with probability 0.8, model in train mode); loss CE(x) + CE(VQGAN(x_adv))."""
+
+    name = "dat"
+
+    def setup(self, t):
+        self.vq = build_vqgan(self.cfg.vqgan, seed=self.cfg.vqgan_seed, device=t.device)
+
+    def dat_images(self, t, x, y) -> torch.Tensor:
+        from easyrobust.attacks import pgd_generator
+        from easyrobust.third_party.vqgan import reconstruct_with_vqgan
+
+        c = self.cfg
+        with torch.no_grad():
+            xrec = reconstruct_with_vqgan(x, self.vq)
+        adv = pgd_generator(xrec, y, t.raw, attack_type="L2", eps=c.dat_eps, attack_steps=c.dat_steps,
+                            attack_lr=c.dat_lr, random_start_prob=c.dat_random_start_prob, use_best=False,
+                            attack_criterion="regular", eval_mode=False)
+        t.zero_grad()   # pgd_generator back-propagates into the parameters
+        with torch.no_grad():
+            return reconstruct_with_vqgan(adv.detach(), self.vq)
+
+    def loss(self, t, x, y):
+        adv = self.dat_images(t, x, y)     # before any DDP forward of this step
+        clean = self.ce(t, x, y)
+        dat = self.ce(t, adv, y)
+        return clean + dat, {"ce_clean": float(clean.detach()), "ce_dat": float(dat.detach())}
+
+
+@trainers.register("dat_ns")
+class DATNullspace(_NoiseMixin, DAT):
+    """DAT + NS (001 Table 2): the DAT loss plus CE(clean + ε-approximate nullspace noise)."""
+
+    name = "dat_ns"
+    uses_noise = True
+
+    def begin_round(self, t, rnd):
+        return self._learn(t, rnd)
+
+    def loss(self, t, x, y):
+        adv = self.dat_images(t, x, y)
+        clean = self.ce(t, x, y)
+        dat = self.ce(t, adv, y)
+        noisy = self.noisy_ce(t, x, y)
+        return clean + dat + noisy, {"ce_clean": float(clean.detach()), "ce_dat": float(dat.detach()),
+                                     "ce_noise": float(noisy.detach())}
+
+
+def get_method(name: str):
+    """The registered method class called ``name`` (unknown names list the known ones)."""
+    return trainers.get(name)
