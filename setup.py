@@ -34,5 +34,24 @@ setup(
     },
     entry_points={
         "console_scripts": ["ns-plugin=ns_plugin.cli:main"],
+        # torchattacks has no plugin mechanism of its own: tools can discover our attacks here
+        # (ns_plugin.register() puts them into the torchattacks namespace and __all__)
+        "torchattacks.plugins": [
+            "PatchFool=ns_plugin.attacks.patchfool:PatchFool",
+            "NullspaceNoise=ns_plugin.attacks.nullspace_noise:NullspaceNoise",
+            "TargetedNullspace=ns_plugin.attacks.targeted_nullspace:TargetedNullspace",
+            "EmbeddingMatch=ns_plugin.attacks.embedding_match:EmbeddingMatch",
+            "DamageNet=ns_plugin.attacks.damagenet:DamageNet",
+        ],
+        # third-party packages declare attacks under this group; ns_plugin.register() loads them
+        "ns_plugin.attacks": [
+            "PatchFool=ns_plugin.attacks.patchfool:PatchFool",
+            "NullspaceNoise=ns_plugin.attacks.nullspace_noise:NullspaceNoise",
+            "TargetedNullspace=ns_plugin.attacks.targeted_nullspace:TargetedNullspace",
+            "EmbeddingMatch=ns_plugin.attacks.embedding_match:EmbeddingMatch",
+            "DamageNet=ns_plugin.attacks.damagenet:DamageNet",
+        ],
+        # callables that register timm models (ns_vit_digits) when a tool wants them
+        "timm.plugins": ["ns_plugin=ns_plugin.registry:register_timm_digits"],
     },
 )

@@ -1,7 +1,15 @@
-"""One small registry type (name -> factory) used for noise generators, trainers and attacks.
+"""One small registry type (name -> factory) used for noise generators, trainers and attacks, and the hooks
+that plug ns_plugin into the ecosystem.
 
-``register()`` (plugging attacks into torchattacks and checkpoints into timm) is added by the plugin
-layer; this module itself has no side effects at import.
+* :func:`register` — idempotent: adds the attacks to the ``torchattacks`` namespace and ``torchattacks.__all__``,
+  registers the embedded architecture as the timm model ``ns_vit_digits``, and loads third-party attack plugins
+  declared under the ``ns_plugin.attacks`` entry-point group.
+* :func:`register_checkpoint` — a fine-tuned checkpoint becomes a timm model: ``timm.create_model(name,
+  pretrained=True)`` loads its weights (EasyRobust's ``benchmarks/benchmark.py --model name`` builds it), and
+  ``{name}_{dataset}_{threat}`` is the robustbench form that ``robustbench.utils.load_model(name, dataset=...,
+  threat_model=..., custom_checkpoint=...)`` finds (a model on [0, 1] images, normalisation inside).
+
+Importing this module has no side effects.
 """
 from __future__ import annotations
 
@@ -81,3 +89,346 @@ class Registry:
 noise_generators = Registry("noise generator")
 trainers = Registry("trainer")
 attacks = Registry("attack")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plugging into torchattacks and timm
+# ----------------------------------------------------------------------------------------------------------
+import threading as _threading
+
+_LOCK = _threading.RLock()
+#: timm model name -> signature of what ns_plugin registered under it (for idempotence and clash checks)
+_TIMM_REGISTERED: Dict[str, tuple] = {}
+#: entry-point group scanned by register() for third-party attacks (``Name = package.module:Class``)
+ATTACK_PLUGIN_GROUP = "ns_plugin.attacks"
+#: name of the embedded architecture in timm's registry
+DIGITS_MODEL = "ns_vit_digits"
+#: robustbench threat models a checkpoint is registered for by default (``load_model`` names)
+ROBUSTBENCH_THREATS = ("Linf", "L2", "corruptions")
+
+
+def _is_ours(obj, name: str) -> bool:
+    return getattr(obj, "__module__", "").startswith("ns_plugin.") and getattr(obj, "__name__", None) == name
+
+
+def register_attack(name: str, cls, *, in_all: bool = True) -> None:
+    """Put attack class ``cls`` into the ``torchattacks`` namespace (and ``torchattacks.__all__`` when
+    ``in_all``) and into :data:`attacks`. Idempotent; a name torchattacks already uses for something else is
+    an :class:`NSPluginError`."""
+    import torchattacks
+    from torchattacks.attack import Attack
+
+    if not (isinstance(cls, type) and issubclass(cls, Attack)):
+        raise NSPluginError(f"attack {name!r} must be a torchattacks.Attack subclass, got {cls!r}")
+    with _LOCK:
+        existing = getattr(torchattacks, name, None)
+        if existing is not None and existing is not cls and not (_is_ours(existing, name) and _is_ours(cls, name)):
+            raise NSPluginError(f"torchattacks already has {name!r} ({getattr(existing, '__module__', '?')}); "
+                                f"register the attack under another name")
+        old = attacks._items.get(name)
+        if old is not None and old is not cls and not (_is_ours(old, name) and _is_ours(cls, name)):
+            raise NSPluginError(f"attack {name!r} is already registered to {old!r}; choose another name")
+        attacks._items[name] = cls
+        first = (cls.__doc__ or "").strip().splitlines()
+        attacks._docs[name] = first[0].strip() if first else ""
+        setattr(torchattacks, name, cls)
+        if in_all and name not in torchattacks.__all__:
+            torchattacks.__all__.append(name)
+
+
+def _register_builtin_attacks() -> List[str]:
+    from . import attacks as pkg
+    for name in pkg.ATTACKS:
+        register_attack(name, getattr(pkg, name), in_all=name in pkg.MODEL_ONLY)
+    return list(pkg.ATTACKS)
+
+
+def _entry_points(group: str):
+    from importlib.metadata import entry_points
+    try:
+        return list(entry_points(group=group))
+    except TypeError:  # Python < 3.10 API
+        return list(entry_points().get(group, []))
+
+
+def load_attack_plugins(group: str = ATTACK_PLUGIN_GROUP) -> List[str]:
+    """Register every attack declared by installed packages under the entry-point ``group``
+    (``Name = package.module:Class``) into torchattacks; ns_plugin's own entries are skipped (already done)."""
+    names = []
+    for ep in _entry_points(group):
+        if ep.value.startswith("ns_plugin."):
+            continue
+        try:
+            cls = ep.load()
+        except Exception as e:  # noqa: BLE001 - a broken third-party plugin must not break register()
+            raise NSPluginError(f"attack plugin {ep.name!r} ({ep.value}) failed to import: {e}") from None
+        register_attack(ep.name, cls)
+        names.append(ep.name)
+    return names
+
+
+# -- timm -----------------------------------------------------------------------------------------------
+def _timm_cfg(*, num_classes: int, input_size, mean, std, file: str = "", arch: str = "",
+              description: str = "") -> Dict[str, object]:
+    return dict(url="", file=file, num_classes=int(num_classes), input_size=tuple(int(v) for v in input_size),
+                pool_size=None, crop_pct=1.0, interpolation="bicubic", fixed_input_size=True,
+                mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+                first_conv="patch_embed.proj", classifier="head", license="", description=description,
+                origin_url="", notes=(f"ns_plugin checkpoint, architecture {arch}",) if arch else ())
+
+
+def _bare_state_dict(sd: Dict[str, object]) -> Dict[str, object]:
+    """EasyRobust's ``Sequential(Normalize, model)`` keys (``0.mean``, ``0.std``, ``1.*``) -> the bare model's."""
+    if "0.mean" in sd or any(k.startswith("1.") for k in sd):
+        return {k[2:]: v for k, v in sd.items() if k.startswith("1.")}
+    return dict(sd)
+
+
+def _read_weights(path: str, use_ema: bool):
+    from .checkpoint import read_checkpoint
+    ckpt = read_checkpoint(path)
+    key = "state_dict_ema" if use_ema else "state_dict"
+    if not isinstance(ckpt.get(key), dict):
+        raise NSPluginError(f"checkpoint {path} has no {key!r} entry" + ("; register it with use_ema=False" if use_ema else ""))
+    return ckpt, ckpt[key]
+
+
+def _arch_builder(arch):
+    """``arch`` -> ``fn(**kwargs) -> bare nn.Module``: ``"ns_vit_digits"``, a timm model name, or a dict of
+    timm ``VisionTransformer`` arguments."""
+    from .models import DEFAULT_VIT
+
+    if isinstance(arch, dict):
+        def build(**kw):
+            from timm.models.vision_transformer import VisionTransformer
+            return VisionTransformer(**{**arch, **kw})
+        return build
+    if arch == DIGITS_MODEL:
+        def build(**kw):
+            from timm.models.vision_transformer import VisionTransformer
+            return VisionTransformer(**{**DEFAULT_VIT, **kw})
+        return build
+    import timm
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        raise NSPluginError(f"unknown architecture {arch!r}: pass arch= a timm model name or a dict of "
+                            f"VisionTransformer arguments")
+
+    def build(**kw):
+        return timm.create_model(arch, pretrained=False, **kw)
+    return build
+
+
+def _load_weights_into(model, sd, num_classes_ckpt: int, source: str):
+    """Load a bare state dict into ``model``; when the model was built with another number of classes the
+    classifier is left as initialised (timm's convention for ``pretrained=True, num_classes=k``)."""
+    from .checkpoint import load_into
+    head = [k for k in ("head.weight", "head.bias") if k in sd]
+    own = model.state_dict()
+    if head and tuple(own.get("head.weight", sd["head.weight"]).shape) != tuple(sd["head.weight"].shape):
+        sd = {k: v for k, v in sd.items() if k not in head}
+        missing = [k for k in own if k not in sd and k not in head]
+        if missing:
+            raise NSPluginError(f"{source} does not fit this model ({len(missing)} missing key(s), e.g. {missing[0]})")
+        model.load_state_dict({**{k: own[k] for k in head}, **sd})
+        return model
+    return load_into(model, sd, source=source)
+
+
+def _make_entrypoint(name: str, build, cfg: Dict[str, object], *, use_ema: bool, robustbench: bool):
+    """A timm entrypoint ``name(pretrained=False, **kwargs)``.
+
+    ``pretrained=True`` loads the weights named by the pretrained config's ``file`` (overridable with
+    ``pretrained_cfg_overlay=dict(file=...)``) with ``torch.load(weights_only=True)``. ``robustbench`` entrypoints
+    return ``Sequential(Normalize(mean, std), model)`` (images in [0, 1]; state-dict keys ``0.*``/``1.*`` as in
+    our checkpoints, so ``custom_checkpoint=`` loads into it), padded to ``num_classes`` logits if more are asked.
+    """
+    def entry(pretrained: bool = False, **kwargs):
+        import dataclasses
+        from timm.models._builder import resolve_pretrained_cfg
+
+        pretrained_cfg = kwargs.pop("pretrained_cfg", None)
+        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+        kwargs.pop("cache_dir", None)
+        resolved = resolve_pretrained_cfg(name, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
+        k_ckpt = int(cfg["num_classes"])
+        want = kwargs.pop("num_classes", None)
+        want = k_ckpt if want is None else int(want)
+        build_classes = k_ckpt if robustbench else want
+        if robustbench and want < k_ckpt:
+            raise NSPluginError(f"{name} has {k_ckpt} classes; cannot serve a {want}-class benchmark")
+        model = build(num_classes=build_classes, **kwargs)
+        if pretrained:
+            file = resolved.file or cfg.get("file")
+            if not file:
+                raise NSPluginError(f"timm model {name} has no weights file; pass pretrained_cfg_overlay=dict(file=...)")
+            if name == DIGITS_MODEL and file == cfg.get("file"):
+                _ensure_digits_weights(file)
+            _, sd = _read_weights(file, use_ema)
+            _load_weights_into(model, _bare_state_dict(sd), k_ckpt, source=f"weights {file}")
+        cfg_dict = {k: v for k, v in dataclasses.asdict(resolved).items() if k != "state_dict"}
+        model.pretrained_cfg = model.default_cfg = cfg_dict
+        if not robustbench:
+            return model
+        from torch import nn
+        from .models import Normalize
+        from .timm_models import PadClasses
+        out = nn.Sequential(Normalize(resolved.mean, resolved.std), model)
+        if want > k_ckpt:
+            out.append(PadClasses(want))
+        out.pretrained_cfg = out.default_cfg = cfg_dict
+        return out.eval() if pretrained else out
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__module__ = "ns_plugin.timm_models"
+    entry.__doc__ = f"ns_plugin model {name} ({'robustbench form: images in [0, 1]' if robustbench else 'bare timm model'})."
+    return entry
+
+
+def _register_timm(name: str, entry, cfg: Dict[str, object], signature: tuple) -> bool:
+    """File ``entry`` under ``name`` in timm's registry. Returns False (no-op) when the same thing is already
+    registered; a different ns_plugin model or any timm model under that name is an error."""
+    import timm
+    from timm.models import register_model
+    from . import timm_models
+
+    with _LOCK:
+        if name in _TIMM_REGISTERED:
+            if _TIMM_REGISTERED[name] == signature:
+                return False
+            raise NSPluginError(f"timm model {name!r} is already registered by ns_plugin for {_TIMM_REGISTERED[name][0]}; "
+                                f"choose another name")
+        if timm.is_model(name):
+            raise NSPluginError(f"timm already has a model named {name!r}; register the checkpoint under another name")
+        timm_models.default_cfgs[name] = cfg
+        setattr(timm_models, name, entry)
+        register_model(entry)
+        _TIMM_REGISTERED[name] = signature
+        return True
+
+
+def _robustbench_name(name: str, dataset: str, threat: str) -> str:
+    """The timm name robustbench 1.1.1's ``load_model(name, dataset=, threat_model=)`` looks up."""
+    return f"{name.lower().replace('-', '_')}_{dataset.lower()}_{threat.lower()}"
+
+
+def _digits_weights_path() -> str:
+    from .embedded import cache_dir
+    return str(cache_dir() / "vit_digits_s0_e30.pth")
+
+
+def _ensure_digits_weights(path: str) -> None:
+    """The ``ns_vit_digits`` weights are the cached embedded default (trained here, ~15 s, on first use)."""
+    from pathlib import Path
+    if not Path(path).is_file():
+        from .embedded import default_model
+        default_model(progress=False)
+
+
+def register_timm_digits() -> str:
+    """Register the embedded architecture as the timm model ``ns_vit_digits`` (a bare ``VisionTransformer``
+    with the default config; ``pretrained=True`` loads the cached trained default, training it on first use).
+    Its ``pretrained_cfg`` carries the digits mean/std and input size. Idempotent."""
+    from .models import DEFAULT_VIT, DIGITS_MEAN, DIGITS_STD
+    path = _digits_weights_path()
+    cfg = _timm_cfg(num_classes=DEFAULT_VIT["num_classes"], input_size=(3, DEFAULT_VIT["img_size"], DEFAULT_VIT["img_size"]),
+                    mean=DIGITS_MEAN, std=DIGITS_STD, file=path, arch=DIGITS_MODEL,
+                    description="ns_plugin embedded tiny ViT (32x32, patch 8, 4 blocks, width 64) on sklearn digits")
+    entry = _make_entrypoint(DIGITS_MODEL, _arch_builder(DIGITS_MODEL), cfg, use_ema=False, robustbench=False)
+    _register_timm(DIGITS_MODEL, entry, cfg, (path, DIGITS_MODEL, False, "bare"))
+    return DIGITS_MODEL
+
+
+def register_checkpoint(name: str, path, *, arch=None, use_ema: bool = False, robustbench=("imagenet",),
+                        threat_models=ROBUSTBENCH_THREATS) -> List[str]:
+    """Register an ns_plugin checkpoint as timm model(s); returns the timm names registered.
+
+    Args:
+        name: timm name for the bare model (e.g. ``"vit_digits_ns"``): ``timm.create_model(name, pretrained=True)``
+            loads the weights; ``pretrained=False, num_classes=k`` gives the architecture, as EasyRobust's
+            ``benchmarks/benchmark.py --model name --ckpt_path path`` builds it. ``pretrained_cfg`` carries the
+            checkpoint's mean/std (from ``0.mean``/``0.std``) and input size.
+        path: checkpoint (``{"state_dict": {"0.mean", "0.std", "1.*"}, "meta": {...}}``, see
+            :mod:`ns_plugin.checkpoint`); read with ``weights_only=True``, checked against the architecture now.
+        arch: timm architecture name, ``"ns_vit_digits"``, or a dict of ``VisionTransformer`` arguments;
+            default ``meta["arch"]`` of the checkpoint.
+        use_ema: load ``state_dict_ema`` instead of ``state_dict``.
+        robustbench: datasets (robustbench names, e.g. ``"imagenet"``, ``"cifar10"``) for which the robustbench
+            form ``{name}_{dataset}_{threat}`` is also registered, for each of ``threat_models``; ``()`` for none.
+
+    Registering the same checkpoint again is a no-op; a name timm already has (or that ns_plugin registered
+    for another file) is an :class:`NSPluginError`, as is a checkpoint that does not fit ``arch``.
+    """
+    from pathlib import Path
+    import timm  # noqa: F401 - fail early if timm is missing
+
+    if not isinstance(name, str) or not name or any(c in name for c in "./ "):
+        raise NSPluginError(f"model name must be a non-empty identifier without '.', '/' or spaces, got {name!r}")
+    path = str(Path(path).expanduser().resolve())
+    if isinstance(robustbench, str):
+        robustbench = (robustbench,)
+    if isinstance(threat_models, str):
+        threat_models = (threat_models,)
+    ckpt, sd = _read_weights(path, use_ema)
+    arch = arch if arch is not None else ckpt.get("meta", {}).get("arch")
+    if arch is None:
+        raise NSPluginError(f"checkpoint {path} does not name its architecture (meta['arch']); pass arch= a timm "
+                            f"model name or a dict of VisionTransformer arguments")
+    build = _arch_builder(arch)
+    bare = _bare_state_dict(sd)
+    if "head.weight" not in bare:
+        raise NSPluginError(f"checkpoint {path} has no classifier 'head.weight'; only timm ViT-style classifiers "
+                            f"can be registered")
+    k = int(bare["head.weight"].shape[0])
+    model = build(num_classes=k)
+    _load_weights_into(model, bare, k, source=f"checkpoint {path}")  # architecture check, now
+    from .models import input_size
+    size = input_size(model) or (3, 224, 224)
+    if "0.mean" in sd:
+        mean, std = sd["0.mean"].reshape(-1).tolist(), sd["0.std"].reshape(-1).tolist()
+    else:
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    arch_key = arch if isinstance(arch, str) else repr(sorted(arch.items()))
+    cfg = _timm_cfg(num_classes=k, input_size=size, mean=mean, std=std, file=path, arch=arch_key,
+                    description=f"ns_plugin checkpoint {Path(path).name}")
+    plan = [(name, False)] + [(_robustbench_name(name, d, t), True) for d in robustbench for t in threat_models]
+    import timm as _timm
+    with _LOCK:
+        for n, _ in plan:  # check every name before registering any
+            sig = _TIMM_REGISTERED.get(n)
+            if sig is not None and sig[:3] != (path, arch_key, use_ema):
+                raise NSPluginError(f"timm model {n!r} is already registered by ns_plugin for {sig[0]}; choose another name")
+            if sig is None and _timm.is_model(n):
+                raise NSPluginError(f"timm already has a model named {n!r}; register the checkpoint under another name")
+        for n, rb in plan:
+            entry = _make_entrypoint(n, build, cfg, use_ema=use_ema, robustbench=rb)
+            _register_timm(n, entry, dict(cfg), (path, arch_key, use_ema, "robustbench" if rb else "bare"))
+    return [n for n, _ in plan]
+
+
+def register(*, attacks_: bool = True, timm_models: bool = True, plugins: bool = True) -> Dict[str, List[str]]:
+    """Plug ns_plugin into the ecosystem; idempotent (calling it again changes nothing).
+
+    * torchattacks: ``torchattacks.PatchFool``, ``NullspaceNoise``, ``TargetedNullspace``, ``EmbeddingMatch`` (also
+      appended to ``torchattacks.__all__``, so harnesses that loop over it see them) and ``torchattacks.DamageNet``
+      (namespace only: it needs a data folder, so it cannot be built from the model alone);
+    * timm: the embedded architecture as ``ns_vit_digits``;
+    * third-party attacks declared under the ``ns_plugin.attacks`` entry-point group.
+
+    A name clash with an existing torchattacks or timm name raises :class:`NSPluginError`.
+    Returns ``{"attacks": [...], "timm": [...], "plugins": [...]}``.
+    """
+    out: Dict[str, List[str]] = {"attacks": [], "timm": [], "plugins": []}
+    with _LOCK:
+        if attacks_:
+            out["attacks"] = _register_builtin_attacks()
+        if timm_models:
+            out["timm"] = [register_timm_digits()]
+        if plugins:
+            out["plugins"] = load_attack_plugins()
+    return out
+
+
+def registered_timm_models() -> List[str]:
+    """timm names registered by ns_plugin in this process."""
+    return sorted(_TIMM_REGISTERED)

@@ -1,0 +1,43 @@
+"""torchattacks attacks for ViTs, one per file, in torchattacks' style (every argument but the model defaulted,
+inputs and outputs images in [0, 1]).
+
+=====================  ==========================================================================
+``PatchFool``          Fu et al., ICLR 2022: attention-aware patch attack (+ mild / sparse variants)
+``NullspaceNoise``     exact patch-embedding nullspace noise: predictions unchanged (sanity check)
+``TargetedNullspace``  seed 000 §7 / A.3: look like a target, be classified like the source
+``EmbeddingMatch``     seed 004 Eq. 3-4: match a target's representation by gradient descent
+``DamageNet``          a pre-generated adversarial set (folder of images + labels) served as an attack
+=====================  ==========================================================================
+
+Importing this package imports torchattacks but changes nothing in it; ``ns_plugin.register()`` adds the
+attacks to the ``torchattacks`` namespace and ``torchattacks.__all__``. FGSM and CW, as used in the papers,
+come from torchattacks itself.
+"""
+from importlib import import_module as _imp
+
+#: attack name -> module defining it (loaded on first use)
+ATTACKS = {
+    "PatchFool": "ns_plugin.attacks.patchfool",
+    "NullspaceNoise": "ns_plugin.attacks.nullspace_noise",
+    "TargetedNullspace": "ns_plugin.attacks.targeted_nullspace",
+    "EmbeddingMatch": "ns_plugin.attacks.embedding_match",
+    "DamageNet": "ns_plugin.attacks.damagenet",
+}
+
+#: attacks that build from the model alone (``torchattacks.__all__`` members); DamageNet needs a data folder
+MODEL_ONLY = ("PatchFool", "NullspaceNoise", "TargetedNullspace", "EmbeddingMatch")
+
+__all__ = list(ATTACKS)
+
+
+def __getattr__(name):
+    mod = ATTACKS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'ns_plugin.attacks' has no attribute {name!r}")
+    value = getattr(_imp(mod), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)
