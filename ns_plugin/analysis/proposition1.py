@@ -356,7 +356,9 @@ def check_model(model: nn.Module, *, tol: float = 1e-6, n_random: int = 4, n_tok
         rep["verify"] = verify_heads(attn, w, x=x)
         # baseline: the same token multiples along a random unit direction, on the same X
         r = torch.randn(rep["dim"], generator=g, dtype=torch.float64)
-        wr = w.norm(dim=1, keepdim=True) * torch.sign(w @ w[0:1].T + 1e-300) * (r / r.norm())[None]
+        u = w[int(w.norm(dim=1).argmax())]
+        coeff = w @ (u / u.norm())  # the per-token multiples c of W = c w^T
+        wr = coeff[:, None] * (r / r.norm())[None]
         rep["verify_random"] = verify_heads(attn, wr, x=x)
         out.append(rep)
     return out
