@@ -1,0 +1,1 @@
+"""Nullspace of vision transformers: exact (patch embedding) and approximate (encoder-level) noise."""
