@@ -1,0 +1,1 @@
+"""Applications of nullspace noise (watermarking, targeted noise, saliency, fingerprinting)."""
