@@ -66,14 +66,14 @@ def _layout(core, n_tokens: int):
 
 
 class AttentionRecorder:
-    """Context manager recording every block's attention ``(B, h, N, N)`` (and, with ``grads=True``, its
-    gradient after ``backward``) in forward order.
+    """Context manager recording every block's attention ``(B, h, N, N)`` in forward order (and, with
+    ``grads=True``, keeping them in the graph for :meth:`gradients`).
 
     Example::
 
         with AttentionRecorder(model, grads=True) as rec:
-            logits = model(x)
-            logits[:, c].sum().backward()
+            logits = model(x.requires_grad_())
+            grads = rec.gradients(logits[:, c].sum())
         rec.attn, rec.grad   # lists, one tensor per block
     """
 
@@ -81,7 +81,8 @@ class AttentionRecorder:
         self.core = _vit(model)
         self.grads = grads
         self.attn: List[torch.Tensor] = []
-        self.grad: List[Optional[torch.Tensor]] = []
+        self.grad: List[torch.Tensor] = []
+        self.live: List[torch.Tensor] = []
         self._handles = []
         self._flags = []
 
@@ -96,14 +97,20 @@ class AttentionRecorder:
     def _hook(self, i: int):
         def fn(mod, inp, out):
             self.attn.append(out.detach())
-            self.grad.append(None)
-            if self.grads and out.requires_grad:
-                idx = len(self.attn) - 1
-
-                def save(g, idx=idx):
-                    self.grad[idx] = g.detach()
-                out.register_hook(save)
+            if self.grads:
+                self.live.append(out)
         return fn
+
+    def gradients(self, score: torch.Tensor) -> List[torch.Tensor]:
+        """Gradients of the scalar ``score`` w.r.t. every recorded attention map (``grads=True``), computed
+        with ``torch.autograd.grad`` so nothing accumulates in the model's ``.grad``."""
+        if not self.grads:
+            raise NSPluginError("AttentionRecorder(grads=True) is needed for gradients")
+        if not all(t.requires_grad for t in self.live):
+            raise NSPluginError("the attention maps do not require grad; run the forward with grad enabled on "
+                                "an input that requires grad")
+        self.grad = [g.detach() for g in torch.autograd.grad(score, self.live)]
+        return self.grad
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
@@ -184,7 +191,6 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target=None) -> torch.Tensor:
 
     def hook(mod, inp, out):
         store["act"] = out
-        out.register_hook(lambda g: store.__setitem__("grad", g))
 
     layer = getattr(core.blocks[-1], "norm1", None) or core.blocks[-1]
     h = layer.register_forward_hook(hook)
@@ -193,10 +199,10 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target=None) -> torch.Tensor:
             xi = x.detach().clone().requires_grad_(True)
             logits = model(xi)
             t = _targets(logits, target)
-            logits.gather(1, t[:, None]).sum().backward()
+            (grad,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), store["act"])
     finally:
         h.remove()
-    act, grad = store["act"].detach(), store["grad"]
+    act = store["act"].detach()
     prefix, (gh, gw) = _layout(core, act.shape[1])
     act, grad = act[:, prefix:], grad[:, prefix:]
     alpha = grad.mean(1, keepdim=True)                 # (B, 1, C): channel weights
@@ -213,13 +219,10 @@ def chefer_relevance(model: nn.Module, x: torch.Tensor, target=None) -> torch.Te
         xi = x.detach().clone().requires_grad_(True)
         logits = model(xi)
         t = _targets(logits, target)
-        logits.gather(1, t[:, None]).sum().backward()
+        rec.gradients(logits.gather(1, t[:, None]).sum())
     n = rec.attn[0].shape[-1]
     r = torch.eye(n, dtype=torch.float64, device=x.device).expand(x.shape[0], n, n).clone()
     for a, g in zip(rec.attn, rec.grad):
-        if g is None:
-            raise NSPluginError("no gradient reached the attention maps; is the model in eval mode with "
-                                "differentiable attention?")
         cam = (g.double() * a.double()).clamp_min(0).mean(1)
         r = r + cam @ r
     return _cls_row(r, core).float()
