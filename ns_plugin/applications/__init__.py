@@ -1,1 +1,1 @@
-"""Applications of the nullspace: output-preserving watermarking and model fingerprinting (seed 000 §6, §9)."""
+"""Applications of nullspace noise (watermarking, targeted noise, saliency, fingerprinting)."""
