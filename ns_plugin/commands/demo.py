@@ -1,35 +1,31 @@
-"""``ns-plugin demo``: the main job on the embedded default."""
+"""``ns-plugin demo``: the whole comparison on the embedded default (seed 001 Tables 2-4, Fig. 4)."""
 from __future__ import annotations
 
 import json
 
-HELP = "run the main job on the embedded default (digits + tiny ViT) and write results/demo/"
+HELP = ("run the paper's comparison on the embedded default (digits + tiny ViT): fine-tune with every method, "
+        "evaluate clean/FGSM/PGD/CW/PatchFool/corruptions/shifts, write tables, leaderboard JSON, plots, "
+        "checkpoints to results/demo/")
 
 
 def add_arguments(p):
-    p.add_argument("--out", default="results/demo", help="results folder (default: results/demo)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/demo",
+                   help="results folder (default: results/demo). A folder holding this same run is resumed; one "
+                        "holding another run is refused")
+    p.add_argument("--config", metavar="YAML", help="comparison config (default: the built-in demo config)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
-    from pathlib import Path
-    from ..checkpoint import save_checkpoint
-    from ..embedded import train_default_model
-
-    out = Path(args.out)
-    model, metrics = train_default_model(seed=args.seed)
-    print(f"tiny ViT on digits: test accuracy {100 * metrics['test_acc']:.2f}% "
-          f"(val {100 * metrics['val_acc']:.2f}%), trained in {metrics['seconds']:.1f} s")
-    summary = {"test_acc": round(100 * metrics["test_acc"], 2), "train_seconds": round(metrics["seconds"], 1)}
+    from ..evaluation.harness import load_comparison_config, run_comparison
+    cfg = load_comparison_config(args.config)
     try:
-        from ..nullspace.exact import exact_nullspace
-    except ImportError:
-        exact_nullspace = None
-    if exact_nullspace is not None:
-        ns = exact_nullspace(model)
-        print(f"exact patch-embedding nullspace: nullity {ns.nullity} of input dim {ns.input_dim}")
-        summary["nullity"] = ns.nullity
-    save_checkpoint(out / "model.pth", model, meta={"arch": "ns_vit_digits", "metrics": metrics})
-    print(f"checkpoint: {out / 'model.pth'}")
-    print(json.dumps(summary))
+        res = run_comparison(cfg, args.out, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"interrupted: partial results in {args.out} (tables marked PARTIAL); run the same command to resume")
+        return 130
+    print(res["tables"])
+    print(f"results: {args.out} (tables.md, table*.csv, leaderboard/, training_curves.png, checkpoints/)")
+    print(json.dumps({"out": str(args.out), "seconds": res["seconds_this_call"],
+                      "rows": res["rows"], "timm_models": len(res["timm_models"])}))
     return 0

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..errors import NSPluginError
+from .corruptions import IMAGENET_C
 
 #: The demo on the embedded default: every method of the paper on digits + tiny ViT, about 5 min on 2 cores.
 DEMO_CONFIG: Dict[str, Any] = {
@@ -55,7 +56,8 @@ DEMO_CONFIG: Dict[str, Any] = {
     ],
     "eval": {"n_attack": 120, "fgsm_eps": 8 / 255, "pgd": {"eps": 8 / 255, "alpha": 2 / 255, "steps": 10},
              "cw": {"c": 1.0, "steps": 30, "lr": 0.01}, "patchfool": {"patches": 1, "steps": 30},
-             "autoattack": None, "damagenet": None, "engine": "fast", "severities": [1, 2, 3, 4, 5]},
+             "autoattack": None, "damagenet": None, "engine": "fast", "severities": [1, 2, 3, 4, 5],
+             "corruptions": "all"},
     "tables": {
         "table2": ["ViT", "ViT + NS", "DAT", "DAT + NS"],
         "table3": ["ViT", "Madry", "TRADES", "ViT + NS"],
@@ -217,10 +219,13 @@ class Comparison:
         if cfg["data"] == "digits":
             s = load_digits(seed=0)
             test, fresh = s.test.tensors, s.val.tensors
-            root = _bench_cache() / f"digits_s0_sev{''.join(map(str, sev))}"
+            cors = self._corruptions()
+            key = "all" if cors == list(IMAGENET_C) else "-".join(cors)
+            root = _bench_cache() / f"digits_s0_sev{''.join(map(str, sev))}_{key}"
             if not root.is_dir():
                 self.log(f"writing EasyRobust-layout benchmark folders to {root} (once; cached)")
-                write_benchmark_folders(root, test, fresh=fresh, severities=sev, progress=self.progress)
+                write_benchmark_folders(root, test, fresh=fresh, severities=sev, corruptions=cors,
+                                        progress=self.progress)
         else:
             root = Path(cfg["data"])
             if not (root / "imagenet-val").is_dir():
@@ -229,6 +234,15 @@ class Comparison:
                                     f"imagenet-style) and training images in train/")
             test = tensors(image_folder(root / "imagenet-val"))
         return root, test
+
+    def _corruptions(self) -> List[str]:
+        c = self.cfg["eval"]["corruptions"]
+        if c == "all":
+            return list(IMAGENET_C)
+        bad = [n for n in c if n not in IMAGENET_C]
+        if bad:
+            raise NSPluginError(f"unknown corruption {bad[0]!r} in eval.corruptions; known: {', '.join(IMAGENET_C)}")
+        return list(c)
 
     # -- fine-tuning ----------------------------------------------------------------------------------------
     def finetune(self, run: Dict[str, Any]) -> Path:
@@ -291,7 +305,8 @@ class Comparison:
             res["DamageNet"] = folder_accuracy(model, dn, engine="fast")
         else:
             res["DamageNet"], res["notes"]["DamageNet"] = None, "skipped: no DamageNet folder configured"
-        res["corruptions"] = corruption_accuracies(model, root / "imagenet-c", engine=ev["engine"])
+        res["corruptions"] = corruption_accuracies(model, root / "imagenet-c", engine=ev["engine"],
+                                                   corruptions=self._corruptions())
         n_cls = int(next(v for k, v in model.state_dict().items() if k.endswith("head.weight")).shape[0])
         for folder, (evaluator, col) in SHIFT_FOLDERS.items():
             if n_cls != 1000 and evaluator in ("evaluate_imagenet_a", "evaluate_imagenet_r"):
