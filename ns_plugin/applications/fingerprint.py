@@ -87,12 +87,21 @@ def fingerprint(model: nn.Module, *, tol: Optional[float] = None) -> Fingerprint
                        embed_dim=ns.embed_dim, layer=ns.layer)
 
 
+def _one_thread():
+    from .watermark import _threads
+    return _threads(1)
+
+
 def similarity(reference, suspect) -> Dict[str, object]:
     """Compare two fingerprints (or models). Returns ``score`` (chance-corrected, 1 = same nullspace, ~0 =
     unrelated), ``overlap`` (mean cos² of the principal angles), ``chance`` (the overlap expected for an
     unrelated subspace), ``cos_min``/``cos_mean`` of the principal angles, ``comparable`` (False when the patch
     geometries differ: then score is 0 and ``reason`` says why)."""
-    a, b = fingerprint(reference), fingerprint(suspect)
+    with _one_thread():   # tiny float64 linear algebra: one thread avoids oversubscription stalls
+        return _similarity(fingerprint(reference), fingerprint(suspect))
+
+
+def _similarity(a: Fingerprint, b: Fingerprint) -> Dict[str, object]:
     if a.input_dim != b.input_dim or tuple(a.patch_size) != tuple(b.patch_size) or a.in_chans != b.in_chans:
         return {"score": 0.0, "overlap": 0.0, "chance": 0.0, "cos_min": 0.0, "cos_mean": 0.0, "comparable": False,
                 "reason": f"different patch geometry (reference {a.in_chans}x{a.patch_size[0]}x{a.patch_size[1]}, "
@@ -138,22 +147,37 @@ def null_distribution(input_dim: int, nullity: int, *, samples: int = 200, seed:
         raise NSPluginError(f"need 0 < nullity < input_dim, got nullity {nullity}, input_dim {input_dim}")
     g = torch.Generator().manual_seed(seed)
     scores = []
+    with _one_thread():
+        scores = _null_scores(input_dim, nullity, samples, g)
+    t = torch.tensor(scores)
+    return {"mean": float(t.mean()), "std": float(t.std()), "max": float(t.max()), "samples": samples}
+
+
+def _null_scores(input_dim: int, nullity: int, samples: int, g: torch.Generator) -> List[float]:
+    scores = []
     for _ in range(samples):
         q1, _ = torch.linalg.qr(torch.randn(input_dim, nullity, generator=g, dtype=torch.float64))
         q2, _ = torch.linalg.qr(torch.randn(input_dim, nullity, generator=g, dtype=torch.float64))
         ov = float(((q1.T @ q2) ** 2).sum()) / nullity
         c = nullity / input_dim
         scores.append((ov - c) / (1 - c))
-    t = torch.tensor(scores)
-    return {"mean": float(t.mean()), "std": float(t.std()), "max": float(t.max()), "samples": samples}
+    return scores
 
 
 # ---------------------------------------------------------------------------------------------------------
 # evaluation on models built here
 # ---------------------------------------------------------------------------------------------------------
 def finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int = 300, lr: float = 5e-4,
-             batch_size: int = 64, seed: int = 1, freeze_patch_embed: bool = False) -> nn.Module:
-    """A fine-tuned copy of ``model``: ``steps`` AdamW steps (wd 0.05) of cross-entropy on ``(x, y)``."""
+             batch_size: int = 64, seed: int = 1, freeze_patch_embed: bool = False,
+             num_threads: Optional[int] = 1) -> nn.Module:
+    """A fine-tuned copy of ``model``: ``steps`` AdamW steps (wd 0.05) of cross-entropy on ``(x, y)``, batches
+    drawn with ``seed``; ``num_threads`` torch threads meanwhile (``None``: unchanged)."""
+    from .watermark import _threads
+    with _threads(num_threads):
+        return _finetune(model, x, y, steps, lr, batch_size, seed, freeze_patch_embed)
+
+
+def _finetune(model, x, y, steps, lr, batch_size, seed, freeze_patch_embed):
     import torch.nn.functional as F
     m = copy.deepcopy(model).train()
     g = torch.Generator().manual_seed(seed)
