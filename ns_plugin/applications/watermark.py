@@ -104,20 +104,14 @@ def _slsqp_one(xp: np.ndarray, wp: np.ndarray, B: np.ndarray, p: int, maxiter: i
 def _exact_p2(X: torch.Tensor, Wm: torch.Tensor, A: torch.Tensor, tol: float, max_iter: int):
     """Batched projection of rows of ``Wm`` onto ``{u: A u = A x} ∩ [0,1]^n`` (semismooth Newton on the dual).
 
-    Returns ``(u, y, iterations, max_residual)``."""
+    Returns ``(u, y, dual_values, iterations, residuals)``; ``residuals`` is ``max |A u - A x|`` per patch."""
     K, n = X.shape
     r = A.shape[0]
     b = X @ A.T                                   # (K, r) right-hand sides
     y = torch.zeros(K, r, dtype=torch.float64)
     eye = torch.eye(r, dtype=torch.float64)
 
-    def dual(yv):
-        z = Wm + yv @ A
-        u = z.clamp(0.0, 1.0)
-        theta = 0.5 * ((u - Wm) ** 2).sum(1) - ((u @ A.T - b) * yv).sum(1)
-        return z, u, theta
-
-    z, u, theta = dual(y)
+    z, u, theta = _dual_rows(y, Wm, A, b)
     it = 0
     g = b - u @ A.T
     res = g.abs().amax(1)
@@ -138,7 +132,7 @@ def _exact_p2(X: torch.Tensor, Wm: torch.Tensor, A: torch.Tensor, tol: float, ma
         new_y, new_th = ya.clone(), tha.clone()
         for _ in range(40):                                        # Armijo backtracking, vectorised
             cand = ya + t[:, None] * step
-            _, _, th = dual_rows(cand, Wm[idx], A, b[idx])
+            _, _, th = _dual_rows(cand, Wm[idx], A, b[idx])
             ok = (th >= tha + 1e-4 * t * slope - 1e-15 * (1 + tha.abs())) & ~done
             new_y[ok], new_th[ok] = cand[ok], th[ok]
             done |= ok
@@ -158,7 +152,8 @@ def _exact_p2(X: torch.Tensor, Wm: torch.Tensor, A: torch.Tensor, tol: float, ma
     return u, y, theta, it, res
 
 
-def dual_rows(y: torch.Tensor, Wm: torch.Tensor, A: torch.Tensor, b: torch.Tensor):
+def _dual_rows(y: torch.Tensor, Wm: torch.Tensor, A: torch.Tensor, b: torch.Tensor):
+    """Dual value ``θ(y)`` of the p = 2 projection, with ``z = w + A^T y`` and ``u = clip(z, 0, 1)``."""
     z = Wm + y @ A
     u = z.clamp(0.0, 1.0)
     theta = 0.5 * ((u - Wm) ** 2).sum(1) - ((u @ A.T - b) * y).sum(1)
