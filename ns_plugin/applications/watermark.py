@@ -57,7 +57,7 @@ from torch import nn
 from ..errors import NSPluginError
 
 #: Solvers accepted by :func:`solve_patches` and :func:`watermark_images`.
-SOLVERS = ("exact", "slsqp")
+SOLVERS = ("exact", "highs", "slsqp")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -104,20 +104,14 @@ def _slsqp_one(xp: np.ndarray, wp: np.ndarray, B: np.ndarray, p: int, maxiter: i
 def _exact_p2(X: torch.Tensor, Wm: torch.Tensor, A: torch.Tensor, tol: float, max_iter: int):
     """Batched projection of rows of ``Wm`` onto ``{u: A u = A x} ∩ [0,1]^n`` (semismooth Newton on the dual).
 
-    Returns ``(u, y, iterations, max_residual)``."""
+    Returns ``(u, y, dual_values, iterations, residuals)``; ``residuals`` is ``max |A u - A x|`` per patch."""
     K, n = X.shape
     r = A.shape[0]
     b = X @ A.T                                   # (K, r) right-hand sides
     y = torch.zeros(K, r, dtype=torch.float64)
     eye = torch.eye(r, dtype=torch.float64)
 
-    def dual(yv):
-        z = Wm + yv @ A
-        u = z.clamp(0.0, 1.0)
-        theta = 0.5 * ((u - Wm) ** 2).sum(1) - ((u @ A.T - b) * yv).sum(1)
-        return z, u, theta
-
-    z, u, theta = dual(y)
+    z, u, theta = _dual_rows(y, Wm, A, b)
     it = 0
     g = b - u @ A.T
     res = g.abs().amax(1)
@@ -138,7 +132,7 @@ def _exact_p2(X: torch.Tensor, Wm: torch.Tensor, A: torch.Tensor, tol: float, ma
         new_y, new_th = ya.clone(), tha.clone()
         for _ in range(40):                                        # Armijo backtracking, vectorised
             cand = ya + t[:, None] * step
-            _, _, th = dual_rows(cand, Wm[idx], A, b[idx])
+            _, _, th = _dual_rows(cand, Wm[idx], A, b[idx])
             ok = (th >= tha + 1e-4 * t * slope - 1e-15 * (1 + tha.abs())) & ~done
             new_y[ok], new_th[ok] = cand[ok], th[ok]
             done |= ok
@@ -158,7 +152,8 @@ def _exact_p2(X: torch.Tensor, Wm: torch.Tensor, A: torch.Tensor, tol: float, ma
     return u, y, theta, it, res
 
 
-def dual_rows(y: torch.Tensor, Wm: torch.Tensor, A: torch.Tensor, b: torch.Tensor):
+def _dual_rows(y: torch.Tensor, Wm: torch.Tensor, A: torch.Tensor, b: torch.Tensor):
+    """Dual value ``θ(y)`` of the p = 2 projection, with ``z = w + A^T y`` and ``u = clip(z, 0, 1)``."""
     z = Wm + y @ A
     u = z.clamp(0.0, 1.0)
     theta = 0.5 * ((u - Wm) ** 2).sum(1) - ((u @ A.T - b) * y).sum(1)
@@ -191,6 +186,90 @@ def _exact_p1(X: np.ndarray, Wm: np.ndarray, A: np.ndarray, progress: bool):
     return U, ok
 
 
+def _ipm_p1(X: torch.Tensor, Wm: torch.Tensor, A: torch.Tensor, tol: float = 1e-9, max_iter: int = 100):
+    """Batched Mehrotra predictor-corrector interior-point method for the p = 1 LP of every patch.
+
+    LP per patch (``z = [s⁺; s⁻]``, ``Ā = [A, -A]``): ``min 1^T z`` s.t. ``Ā z = A (x - w)``,
+    ``0 <= z <= [1 - w; w]``. Variables whose upper bound is 0 (watermark pixels at 0 or 1) are fixed at 0.
+    Each iteration solves one ``r x r`` system ``A (Θ⁺ + Θ⁻) A^T`` per patch. Stops when the relative primal and
+    dual residuals and the duality gap are all below ``tol``. Returns ``(u, iterations, max_gap, converged)``."""
+    K, n = X.shape
+    dt = torch.float64
+    b = (X - Wm) @ A.T                                          # (K, r)
+    ub = torch.cat([1.0 - Wm, Wm], 1)                           # (K, 2n)
+    free = (ub > 1e-12).to(dt)
+    ubs = torch.where(free > 0, ub, torch.ones_like(ub))      # dummy bound 1 for fixed variables
+    z = 0.5 * ubs
+    t = ubs - z
+    s = torch.full_like(z, 1.5)
+    q = torch.full_like(z, 0.5)
+    y = torch.zeros(K, A.shape[0], dtype=dt)
+    c = free                                                    # cost 1 on free variables
+    nfree = free.sum(1).clamp_min(1)
+    eye = torch.eye(A.shape[0], dtype=dt)
+    done = torch.zeros(K, dtype=torch.bool)
+    bnorm = 1 + b.norm(dim=1)
+
+    def Abar(v):                                                # (K, 2n) -> (K, r)
+        return (v[:, :n] - v[:, n:]) @ A.T
+
+    def AbarT(v):                                               # (K, r) -> (K, 2n)
+        g = v @ A
+        return torch.cat([g, -g], 1)
+
+    def max_step(v, dv):
+        neg = dv < 0
+        ratio = torch.where(neg & (free > 0), -v / torch.where(neg, dv, -torch.ones_like(dv)),
+                            torch.full_like(v, float("inf")))
+        return ratio.amin(1).clamp(max=1.0)
+
+    it, gap_max = 0, float("inf")
+    for it in range(1, max_iter + 1):
+        rp = b - Abar(z * free)
+        ru = (ubs - z - t) * free
+        rd = (c - AbarT(y) - s + q) * free
+        mu = ((z * s + t * q) * free).sum(1) / (2 * nfree)
+        obj_p = (c * z).sum(1)
+        gap = (2 * nfree * mu) / (1 + obj_p.abs())
+        conv = (rp.norm(dim=1) / bnorm < tol) & (ru.abs().amax(1) < tol) & (rd.abs().amax(1) < tol) & (gap < tol)
+        done = done | conv
+        if bool(done.all()):
+            break
+        theta = free / (s / z + q / t)
+        M = (A.unsqueeze(0) * (theta[:, :n] + theta[:, n:]).unsqueeze(1)) @ A.T + 1e-14 * eye
+        L, info = torch.linalg.cholesky_ex(M)
+
+        def solve(r_zs, r_tq):
+            rho = rd - r_zs / z + (r_tq - q * ru) / t
+            rhs = rp + Abar(theta * rho)
+            dy = torch.cholesky_solve(rhs.unsqueeze(2), L).squeeze(2)
+            dz = theta * (AbarT(dy) - rho)
+            dt_ = (ru - dz) * free
+            ds = (r_zs - s * dz) / z * free
+            dq = (r_tq - q * dt_) / t * free
+            return dz, dt_, dy, ds, dq
+
+        dz, dt_, dy, ds, dq = solve(-z * s, -t * q)             # affine scaling (predictor)
+        ap = torch.minimum(max_step(z, dz), max_step(t, dt_))
+        ad = torch.minimum(max_step(s, ds), max_step(q, dq))
+        mu_aff = (((z + ap[:, None] * dz) * (s + ad[:, None] * ds) + (t + ap[:, None] * dt_) * (q + ad[:, None] * dq))
+                  * free).sum(1) / (2 * nfree)
+        sigma = (mu_aff / mu.clamp_min(1e-300)).clamp(0, 1) ** 3
+        sm = (sigma * mu)[:, None]
+        dz, dt_, dy, ds, dq = solve(sm - z * s - dz * ds, sm - t * q - dt_ * dq)   # corrector
+        ap = (0.995 * torch.minimum(max_step(z, dz), max_step(t, dt_))).clamp(max=1.0)
+        ad = (0.995 * torch.minimum(max_step(s, ds), max_step(q, dq))).clamp(max=1.0)
+        ap = torch.where(done, torch.zeros_like(ap), ap)[:, None]
+        ad = torch.where(done, torch.zeros_like(ad), ad)[:, None]
+        z, t = z + ap * dz, t + ap * dt_
+        y, s, q = y + ad * dy, s + ad * ds, q + ad * dq
+        gap_max = float(gap.max())
+    zf = (z * free).clamp(min=0)
+    zf = torch.minimum(zf, ub.clamp_min(0))
+    u = Wm + zf[:, :n] - zf[:, n:]
+    return u, it, gap_max, done
+
+
 class _threads:
     """Temporarily limit torch's intra-op threads (small batched ops are much faster single-threaded,
     especially on a loaded machine); restores the previous setting."""
@@ -214,7 +293,7 @@ def _finish(X: torch.Tensor, U: torch.Tensor, B: torch.Tensor, Wm: torch.Tensor,
     V = C @ B                                  # nullspace perturbation
     out = X + V
     lo, hi = out.amin(1), out.amax(1)
-    bad = (lo < -1e-9) | (hi > 1 + 1e-9)
+    bad = (lo < -1e-7) | (hi > 1 + 1e-7)      # larger than round-off or a solver tolerance
     if bool(bad.any()):                        # shrink towards x: stays in the nullspace and the box
         Xb, Vb = X[bad], V[bad]
         up = torch.where(Vb > 0, (1 - Xb) / Vb.clamp_min(1e-300), torch.full_like(Xb, float("inf")))
@@ -238,10 +317,12 @@ def solve_patches(x_patches: torch.Tensor, w_patches: torch.Tensor, basis: torch
         w_patches: ``(K, n)`` watermark patches in [0, 1].
         basis: ``(m, n)`` orthonormal nullspace basis of the patch map (``PatchNullspace.basis``).
         p: 1 or 2, the norm of Eq. 7.
-        solver: ``"exact"`` (semismooth Newton for p = 2, HiGHS LP for p = 1) or ``"slsqp"`` (the paper's
-            SciPy SLSQP, one call per patch).
+        solver: ``"exact"`` (batched semismooth Newton for p = 2, batched interior-point LP for p = 1),
+            ``"highs"`` (p = 1 only: HiGHS simplex per patch, a vertex solution; slower) or ``"slsqp"`` (the
+            paper's SciPy SLSQP, one call per patch).
         maxiter, ftol: SLSQP options (paper: 5000 iterations; SciPy's default ``ftol`` 1e-6).
-        tol: stopping tolerance of the p = 2 Newton solver on ``max |A u - A x|``.
+        tol: stopping tolerance of the p = 2 Newton solver on ``max |A u - A x|`` (default 1e-10); the p = 1
+            interior-point method stops at relative residuals and duality gap ``10·tol``.
         num_threads: torch threads while solving (default 1; ``None`` keeps the current setting).
 
     Returns:
@@ -249,12 +330,16 @@ def solve_patches(x_patches: torch.Tensor, w_patches: torch.Tensor, basis: torch
         ``objective`` (``(K,)`` the Eq. 7 value ``||u - w||_p`` of each returned patch), ``seconds``,
         ``nullspace_residual`` (max ``|A (u - x)|``: 0 up to round-off), ``box_violation`` (max distance
         outside [0, 1], 0 after the final clamp), ``shrunk`` (patches whose solution had to be shrunk; 0 when
-        the solver converged) and solver details.
+        the solver converged) and solver details (``iterations``, ``not_converged``, ``duality_gap`` for
+        p = 2, ``relative_gap`` for p = 1; for SLSQP ``raw_patches``/``raw_objective``/``raw_box_violation`` of
+        its own iterates before the fix-up).
     """
     if p not in (1, 2):
         raise NSPluginError(f"p must be 1 or 2 (the norm of Eq. 7), got {p!r}")
     if solver not in SOLVERS:
         raise NSPluginError(f"unknown watermark solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if solver == "highs" and p != 1:
+        raise NSPluginError("solver 'highs' solves the p = 1 linear program only; use solver='exact' for p = 2")
     X = torch.as_tensor(x_patches).detach().to("cpu", torch.float64)
     Wm = torch.as_tensor(w_patches).detach().to("cpu", torch.float64)
     B = torch.as_tensor(basis).detach().to("cpu", torch.float64)
@@ -292,17 +377,20 @@ def _solve(X, Wm, B, A, p, solver, maxiter, ftol, tol, progress, info):
             fails += not success
         # SLSQP's own iterate (before our exactness fix-up), to report its constraint violation honestly
         raw_obj = torch.as_tensor(_objective(U.numpy(), Wm.numpy(), p))
-        info.update(iterations=int(np.max(nits)) if nits else 0, mean_iterations=float(np.mean(nits)) if nits else 0.,
+        info.update(raw_patches=U.clone(), iterations=int(np.max(nits)) if nits else 0, mean_iterations=float(np.mean(nits)) if nits else 0.,
                     not_converged=fails, raw_objective=raw_obj,
                     raw_box_violation=float(torch.maximum(-U.min(), U.max() - 1).clamp_min(0)))
     elif p == 2:
         U, y, theta, it, res = _exact_p2(X, Wm, A, tol, max_iter=200)
         info.update(iterations=it, dual_value=theta,
                     not_converged=int((res > max(tol, 1e-8)).sum()))
-    else:
+    elif solver == "highs":
         Un, ok = _exact_p1(X.numpy(), Wm.numpy(), A.numpy(), progress)
         U = torch.from_numpy(Un)
         info.update(not_converged=int((~ok).sum()))
+    else:
+        U, it, gap, done = _ipm_p1(X, Wm, A, tol=min(max(tol, 1e-12), 1e-6) * 10, max_iter=100)
+        info.update(iterations=it, relative_gap=gap, not_converged=int((~done).sum()))
     out, C, obj, shrunk = _finish(X, U, B, Wm, p)
     info["seconds"] = time.perf_counter() - t0
     if solver == "exact" and p == 2:
@@ -385,6 +473,7 @@ def watermark_images(model, images: torch.Tensor, watermark: torch.Tensor, *, p:
     coeffs = sol.pop("coefficients").reshape(n, P, -1)
     obj = sol.pop("objective").reshape(n, P)
     sol.pop("raw_objective", None)
+    sol.pop("raw_patches", None)
     noise = out - images.detach().cpu().to(torch.float64)
     sol["embedding_residual"] = ns.embedding_residual(noise)
     return WatermarkResult(images=out.to(images.dtype).to(images.device), noise=noise, coefficients=coeffs,

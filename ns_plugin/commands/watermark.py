@@ -75,8 +75,8 @@ def add_arguments(p):
     add_model_choice(p)
     p.add_argument("--p", type=int, choices=(1, 2), default=1,
                    help="norm of Eq. 7 (default 1, the paper's choice)")
-    p.add_argument("--solver", choices=("exact", "slsqp"), default="exact",
-                   help="'exact' (semismooth Newton for p=2, HiGHS LP for p=1; default) or the paper's SciPy "
+    p.add_argument("--solver", choices=("exact", "highs", "slsqp"), default="exact",
+                   help="'exact' (batched semismooth Newton for p=2, batched interior-point LP for p=1; default), 'highs' (p=1 only, HiGHS simplex per patch) or the paper's SciPy "
                         "SLSQP (slow: seconds per patch)")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="watermarked image (8-bit, format from the suffix, e.g. .png)")
