@@ -301,6 +301,8 @@ def _search(model, data, *, level, eps, lim, lr, max_steps, init, expand, max_ex
         raise NSPluginError(f"mode must be one of {MODES}, got {mode!r}")
     if expand is not None and not (isinstance(expand, (int, float)) and math.isfinite(expand) and expand >= 1):
         raise NSPluginError(f"expand must be None or a growth factor >= 1 (e.g. 1.5), got {expand!r}")
+    if not (isinstance(max_expand, int) and not isinstance(max_expand, bool) and max_expand >= 0):
+        raise NSPluginError(f"max_expand must be a non-negative integer, got {max_expand!r}")
     if weight_decay < 0:
         raise NSPluginError(f"weight_decay must be >= 0, got {weight_decay!r}")
     if not isinstance(model, nn.Module):
@@ -310,11 +312,12 @@ def _search(model, data, *, level, eps, lim, lr, max_steps, init, expand, max_ex
     dev = _device(net)
     t0 = time.perf_counter()
     with frozen(model):
+        if level == "encoder":
+            from ..anatomy import token_shape
+            shape = (1, *token_shape(net))  # fails first, and clearly, for models without patch_embed
         batches = _Batches(data, net, batch_size, g)
         fwd = _Forward(net, level, mode)
         if level == "encoder":
-            from ..anatomy import token_shape
-            shape = (1, *token_shape(net))
             if init is not None:
                 check_noise(net, init, what="init noise")
             first = None
@@ -339,7 +342,11 @@ def _search(model, data, *, level, eps, lim, lr, max_steps, init, expand, max_ex
         # warm start: scale up while still inside the region, so the descent ends near the boundary
         history: List[float] = []
         expansions = 0
-        if kind == "warm" and expand is not None and expand > 1:
+        if kind == "warm" and expand is not None and expand > 1 and max_expand > 0:
+            # always step out once (the descent should approach the boundary from outside, as a fresh
+            # search from a large init does), then keep growing while the noise stays inside
+            v = v * expand
+            expansions = 1
             while expansions < max_expand:
                 x = draw()
                 with torch.no_grad():
@@ -387,7 +394,12 @@ def _search(model, data, *, level, eps, lim, lr, max_steps, init, expand, max_ex
                     raise _diverged(steps, lr, lim)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
+                try:
+                    opt.step()
+                except RuntimeError as e:  # AdamW's own overflow check on absurd step sizes
+                    if "overflow" not in str(e):
+                        raise
+                    raise _diverged(steps, lr, lim) from None
                 steps += 1
                 losses.append(float(loss.detach()))
                 if not bool(torch.isfinite(v).all()):
@@ -430,9 +442,10 @@ def search_noise(model: nn.Module, data, *, eps: float = 0.03, lim: float = 3.0,
         lr: AdamW learning rate (0.1 in the paper); ``weight_decay`` is AdamW's default 0.01.
         max_steps: cap on noise updates (T = 3000 in the paper).
         init: a previous noise to warm-start from (``record.init == 'warm'``).
-        expand: with ``init``, first multiply it by ``expand`` while it stays inside the region (at most
-            ``max_expand`` times, one batch per test), then descend: the result ends near the ε boundary as
-            a fresh search does.  ``None`` or 1 disables the expansion.
+        expand: with ``init``, first multiply it by ``expand`` once, and again while it stays inside the region
+            (at most ``max_expand`` multiplications, one batch per test), then descend: the result is reached
+            from outside and ends near the ε boundary as a fresh search does (Eq. 6 wants the largest noise
+            inside).  ``None``, 1 or ``max_expand=0`` disables the expansion.
         batch_size: batch size for tensor / Dataset data (B = 128 in the paper).
         generator: ``torch.Generator`` or int seed for the init and the data order (reproducible searches).
         mode: ``"fast"`` (default; shared patch embedding, one forward pair per step) or ``"faithful"`` (the
@@ -624,3 +637,13 @@ def lim_sweep(model: nn.Module, train_data, x_eval: torch.Tensor, y_eval: Option
         q = noise_quality(model, v, x_eval, y_eval, generator=seed + i)
         rows.append(dict(lim=float(lim), steps=rec.steps, train_mse_prob=rec.mse_prob, **q))
     return rows
+
+
+def _register() -> None:
+    from ..registry import noise_generators
+    noise_generators.register("approximate", search_noise)
+    noise_generators.register("approximate-input", search_input_noise)
+    noise_generators.register("regularized", learn_noise_regularized)
+
+
+_register()
