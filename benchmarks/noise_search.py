@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--eps", type=float, default=0.03)
     p.add_argument("--max-steps", type=int, default=3000)
+    p.add_argument("--expand", type=float, default=None, help="warm-start growth factor (default: search_noise's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded machine)")
     args = p.parse_args(argv)
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
         v_f, r_f = search_noise(model, x, generator=seed, mode="faithful", **common)
         v_ff, r_ff = search_noise(model, x, generator=seed, mode="fast", **common)
         identical.append(bool(torch.equal(v_f, v_ff)))
-        v_w, r_w = search_noise(model, x, generator=seed, mode="fast", init=prev, **common)
+        warm_kw = {} if args.expand is None else dict(expand=args.expand)
+        v_w, r_w = search_noise(model, x, generator=seed, mode="fast", init=prev, **warm_kw, **common)
         q = noise_quality(model, v_w, xt, yt, generator=seed)
         rows.append(dict(round=k, faithful=r_f.to_dict(), fast_fresh=r_ff.to_dict(), fast_warm=r_w.to_dict(),
                          warm_pred_match=q["pred_match"]))
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
         return sum(r[key][f] for r in rows)
 
     summary = dict(
-        rounds=args.rounds, eps=args.eps,
+        rounds=args.rounds, eps=args.eps, expand=args.expand,
         faithful_steps=tot("faithful", "steps"), faithful_seconds=round(tot("faithful", "seconds"), 2),
         fast_fresh_steps=tot("fast_fresh", "steps"), fast_fresh_seconds=round(tot("fast_fresh", "seconds"), 2),
         fast_warm_steps=tot("fast_warm", "steps"), fast_warm_seconds=round(tot("fast_warm", "seconds"), 2),

@@ -151,10 +151,11 @@ def test_warm_start_and_expansion_reach_eps_near_the_boundary(searched, digits):
     v, r = search_noise(model, x, init=noise, generator=1)
     assert r.init == "warm" and r.reached and r.steps < rec.steps
     assert 0.7 * rec.norm < r.norm < 1.3 * rec.norm
-    # a small previous noise is first expanded (×1.5 while inside), then brought back to the boundary
+    # a small previous noise is first expanded (×1.1 while inside), then brought back to the boundary
     v, r = search_noise(model, x, init=0.25 * noise, generator=2)
-    assert r.expansions >= 2 and r.reached and r.init_norm > 0.25 * rec.norm * 1.5 ** 2 - 1e-3
-    assert r.norm > 0.6 * rec.norm
+    assert r.expansions >= 5 and r.reached and r.init_norm > 0.25 * rec.norm * 1.1 ** 5 - 1e-3
+    assert r.norm > 0.35 * rec.norm  # the single-batch stop test puts the boundary at ~0.4-1x along v
+    assert mse_probability(model, x, v) > 1.5 * mse_probability(model, x, 0.25 * noise)  # moved outwards
     v, r = search_noise(model, x, init=0.25 * noise, generator=2, expand=None, max_steps=5)
     assert r.expansions == 0 and r.steps == 0 and r.norm == pytest.approx(0.25 * rec.norm, rel=1e-5)
 

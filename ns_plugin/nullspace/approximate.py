@@ -23,9 +23,10 @@ shared by the clean and the noisy pass, clean logits are computed once per batch
 the stop test reuses the noisy forward pass of the update.  ``mode="faithful"`` follows the reference
 loop literally (a separate no-grad forward pair for the stop test, then clean and noisy full-model
 forwards for the update).  Both produce the same noise for the same data order and init.
-Warm start: ``init=previous_noise`` with ``expand=γ`` first scales the previous noise up by γ while it
-stays inside the region, then descends back to the boundary, so the result stays near the ε boundary
-(Eq. 6 wants the largest noise inside) at a fraction of the steps of a fresh start.
+Warm start: ``init=previous_noise`` with ``expand=γ`` (default 1.1) first scales the previous noise by γ
+once, and again while it stays inside the region, then descends back into it, so the result is reached
+from outside and stays near the ε boundary (Eq. 6 wants the largest noise inside) at a fraction of the
+steps of a fresh start (see ``benchmarks/noise_search.py``).
 """
 from __future__ import annotations
 
@@ -300,7 +301,7 @@ def _search(model, data, *, level, eps, lim, lr, max_steps, init, expand, max_ex
     if mode not in MODES:
         raise NSPluginError(f"mode must be one of {MODES}, got {mode!r}")
     if expand is not None and not (isinstance(expand, (int, float)) and math.isfinite(expand) and expand >= 1):
-        raise NSPluginError(f"expand must be None or a growth factor >= 1 (e.g. 1.5), got {expand!r}")
+        raise NSPluginError(f"expand must be None or a growth factor >= 1 (e.g. 1.1), got {expand!r}")
     if not (isinstance(max_expand, int) and not isinstance(max_expand, bool) and max_expand >= 0):
         raise NSPluginError(f"max_expand must be a non-negative integer, got {max_expand!r}")
     if weight_decay < 0:
@@ -419,8 +420,8 @@ def _search(model, data, *, level, eps, lim, lr, max_steps, init, expand, max_ex
 
 
 def search_noise(model: nn.Module, data, *, eps: float = 0.03, lim: float = 3.0, lr: float = 0.1,
-                 max_steps: int = 3000, init: Optional[torch.Tensor] = None, expand: Optional[float] = 1.5,
-                 max_expand: int = 20, batch_size: int = 128, generator=None, mode: str = "fast",
+                 max_steps: int = 3000, init: Optional[torch.Tensor] = None, expand: Optional[float] = 1.1,
+                 max_expand: int = 30, batch_size: int = 128, generator=None, mode: str = "fast",
                  weight_decay: float = 0.01, progress: bool = False) -> Tuple[torch.Tensor, NoiseRecord]:
     """Search an encoder-level ε-approximate nullspace noise (seed 001, Eq. 7-8, Algorithm 1 lines 3-14).
 
@@ -461,8 +462,8 @@ def search_noise(model: nn.Module, data, *, eps: float = 0.03, lim: float = 3.0,
 
 
 def search_input_noise(model: nn.Module, data, *, eps: float = 0.03, lim: float = 3.0, lr: float = 0.1,
-                       max_steps: int = 3000, init: Optional[torch.Tensor] = None, expand: Optional[float] = 1.5,
-                       max_expand: int = 20, batch_size: int = 128, generator=None, mode: str = "fast",
+                       max_steps: int = 3000, init: Optional[torch.Tensor] = None, expand: Optional[float] = 1.1,
+                       max_expand: int = 30, batch_size: int = 128, generator=None, mode: str = "fast",
                        weight_decay: float = 0.01, progress: bool = False) -> Tuple[torch.Tensor, NoiseRecord]:
     """The ε-approximate noise learnt at the *input* (pixel) level for the whole network, for any model
     including CNNs (seed 000, §5.2-5.3, Fig. 3(b): ``ṽ_ω``).  Same procedure and arguments as
