@@ -157,7 +157,7 @@ class ViTAnatomy(nn.Module):
 
     DeiT distilled models and models without a cls token (``class_token=False, global_pool='avg'``) work
     since everything goes through timm's own methods.  The anatomy shares the modules of ``model``
-    (no copy).
+    (no copy), so inside an :func:`inject_noise` block ``embed`` already includes that noise.
     """
 
     def __init__(self, model: nn.Module):

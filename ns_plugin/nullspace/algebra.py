@@ -159,7 +159,9 @@ def plot_convex_grid(result: Dict[str, list], path: Union[str, os.PathLike], *, 
     a = np.asarray(result["alphas"])
     grid = np.asarray(result["grid"])
     fig, ax = plt.subplots(figsize=(4.8, 4))
-    im = ax.imshow(grid, origin="lower", extent=(a[0], a[-1], a[0], a[-1]), cmap="viridis", aspect="auto")
+    h = (a[1] - a[0]) / 2 if len(a) > 1 else 0.5
+    im = ax.imshow(grid, origin="lower", extent=(a[0] - h, a[-1] + h, a[0] - h, a[-1] + h), cmap="viridis",
+                   aspect="auto")
     fig.colorbar(im, ax=ax, label="MSE probability")
     if eps is not None and grid.min() < eps < grid.max():
         ax.contour(a, a, grid, levels=[eps], colors="white", linewidths=1.2)

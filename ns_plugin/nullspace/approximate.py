@@ -23,9 +23,10 @@ shared by the clean and the noisy pass, clean logits are computed once per batch
 the stop test reuses the noisy forward pass of the update.  ``mode="faithful"`` follows the reference
 loop literally (a separate no-grad forward pair for the stop test, then clean and noisy full-model
 forwards for the update).  Both produce the same noise for the same data order and init.
-Warm start: ``init=previous_noise`` with ``expand=γ`` first scales the previous noise up by γ while it
-stays inside the region, then descends back to the boundary, so the result stays near the ε boundary
-(Eq. 6 wants the largest noise inside) at a fraction of the steps of a fresh start.
+Warm start: ``init=previous_noise`` with ``expand=γ`` (default 1.1) first scales the previous noise by γ
+once, and again while it stays inside the region, then descends back into it, so the result is reached
+from outside and stays near the ε boundary (Eq. 6 wants the largest noise inside) at a fraction of the
+steps of a fresh start (see ``benchmarks/noise_search.py``).
 """
 from __future__ import annotations
 
@@ -300,7 +301,9 @@ def _search(model, data, *, level, eps, lim, lr, max_steps, init, expand, max_ex
     if mode not in MODES:
         raise NSPluginError(f"mode must be one of {MODES}, got {mode!r}")
     if expand is not None and not (isinstance(expand, (int, float)) and math.isfinite(expand) and expand >= 1):
-        raise NSPluginError(f"expand must be None or a growth factor >= 1 (e.g. 1.5), got {expand!r}")
+        raise NSPluginError(f"expand must be None or a growth factor >= 1 (e.g. 1.1), got {expand!r}")
+    if not (isinstance(max_expand, int) and not isinstance(max_expand, bool) and max_expand >= 0):
+        raise NSPluginError(f"max_expand must be a non-negative integer, got {max_expand!r}")
     if weight_decay < 0:
         raise NSPluginError(f"weight_decay must be >= 0, got {weight_decay!r}")
     if not isinstance(model, nn.Module):
@@ -310,11 +313,12 @@ def _search(model, data, *, level, eps, lim, lr, max_steps, init, expand, max_ex
     dev = _device(net)
     t0 = time.perf_counter()
     with frozen(model):
+        if level == "encoder":
+            from ..anatomy import token_shape
+            shape = (1, *token_shape(net))  # fails first, and clearly, for models without patch_embed
         batches = _Batches(data, net, batch_size, g)
         fwd = _Forward(net, level, mode)
         if level == "encoder":
-            from ..anatomy import token_shape
-            shape = (1, *token_shape(net))
             if init is not None:
                 check_noise(net, init, what="init noise")
             first = None
@@ -339,7 +343,11 @@ def _search(model, data, *, level, eps, lim, lr, max_steps, init, expand, max_ex
         # warm start: scale up while still inside the region, so the descent ends near the boundary
         history: List[float] = []
         expansions = 0
-        if kind == "warm" and expand is not None and expand > 1:
+        if kind == "warm" and expand is not None and expand > 1 and max_expand > 0:
+            # always step out once (the descent should approach the boundary from outside, as a fresh
+            # search from a large init does), then keep growing while the noise stays inside
+            v = v * expand
+            expansions = 1
             while expansions < max_expand:
                 x = draw()
                 with torch.no_grad():
@@ -387,7 +395,12 @@ def _search(model, data, *, level, eps, lim, lr, max_steps, init, expand, max_ex
                     raise _diverged(steps, lr, lim)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
+                try:
+                    opt.step()
+                except RuntimeError as e:  # AdamW's own overflow check on absurd step sizes
+                    if "overflow" not in str(e):
+                        raise
+                    raise _diverged(steps, lr, lim) from None
                 steps += 1
                 losses.append(float(loss.detach()))
                 if not bool(torch.isfinite(v).all()):
@@ -407,8 +420,8 @@ def _search(model, data, *, level, eps, lim, lr, max_steps, init, expand, max_ex
 
 
 def search_noise(model: nn.Module, data, *, eps: float = 0.03, lim: float = 3.0, lr: float = 0.1,
-                 max_steps: int = 3000, init: Optional[torch.Tensor] = None, expand: Optional[float] = 1.5,
-                 max_expand: int = 20, batch_size: int = 128, generator=None, mode: str = "fast",
+                 max_steps: int = 3000, init: Optional[torch.Tensor] = None, expand: Optional[float] = 1.1,
+                 max_expand: int = 30, batch_size: int = 128, generator=None, mode: str = "fast",
                  weight_decay: float = 0.01, progress: bool = False) -> Tuple[torch.Tensor, NoiseRecord]:
     """Search an encoder-level ε-approximate nullspace noise (seed 001, Eq. 7-8, Algorithm 1 lines 3-14).
 
@@ -430,9 +443,10 @@ def search_noise(model: nn.Module, data, *, eps: float = 0.03, lim: float = 3.0,
         lr: AdamW learning rate (0.1 in the paper); ``weight_decay`` is AdamW's default 0.01.
         max_steps: cap on noise updates (T = 3000 in the paper).
         init: a previous noise to warm-start from (``record.init == 'warm'``).
-        expand: with ``init``, first multiply it by ``expand`` while it stays inside the region (at most
-            ``max_expand`` times, one batch per test), then descend: the result ends near the ε boundary as
-            a fresh search does.  ``None`` or 1 disables the expansion.
+        expand: with ``init``, first multiply it by ``expand`` once, and again while it stays inside the region
+            (at most ``max_expand`` multiplications, one batch per test), then descend: the result is reached
+            from outside and ends near the ε boundary as a fresh search does (Eq. 6 wants the largest noise
+            inside).  ``None``, 1 or ``max_expand=0`` disables the expansion.
         batch_size: batch size for tensor / Dataset data (B = 128 in the paper).
         generator: ``torch.Generator`` or int seed for the init and the data order (reproducible searches).
         mode: ``"fast"`` (default; shared patch embedding, one forward pair per step) or ``"faithful"`` (the
@@ -448,8 +462,8 @@ def search_noise(model: nn.Module, data, *, eps: float = 0.03, lim: float = 3.0,
 
 
 def search_input_noise(model: nn.Module, data, *, eps: float = 0.03, lim: float = 3.0, lr: float = 0.1,
-                       max_steps: int = 3000, init: Optional[torch.Tensor] = None, expand: Optional[float] = 1.5,
-                       max_expand: int = 20, batch_size: int = 128, generator=None, mode: str = "fast",
+                       max_steps: int = 3000, init: Optional[torch.Tensor] = None, expand: Optional[float] = 1.1,
+                       max_expand: int = 30, batch_size: int = 128, generator=None, mode: str = "fast",
                        weight_decay: float = 0.01, progress: bool = False) -> Tuple[torch.Tensor, NoiseRecord]:
     """The ε-approximate noise learnt at the *input* (pixel) level for the whole network, for any model
     including CNNs (seed 000, §5.2-5.3, Fig. 3(b): ``ṽ_ω``).  Same procedure and arguments as
@@ -624,3 +638,13 @@ def lim_sweep(model: nn.Module, train_data, x_eval: torch.Tensor, y_eval: Option
         q = noise_quality(model, v, x_eval, y_eval, generator=seed + i)
         rows.append(dict(lim=float(lim), steps=rec.steps, train_mse_prob=rec.mse_prob, **q))
     return rows
+
+
+def _register() -> None:
+    from ..registry import noise_generators
+    noise_generators.register("approximate", search_noise)
+    noise_generators.register("approximate-input", search_input_noise)
+    noise_generators.register("regularized", learn_noise_regularized)
+
+
+_register()
