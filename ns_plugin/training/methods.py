@@ -208,10 +208,14 @@ def build_vqgan(name: str = "small", *, seed: int = 0, device=None):
     if name not in VQGAN_CONFIGS:
         raise NSPluginError(f"unknown VQGAN config {name!r} (known: {', '.join(sorted(VQGAN_CONFIGS))})")
     spec = VQGAN_CONFIGS[name]
+    import contextlib
+    import io
+
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        vq = VQModel(dict(spec["ddconfig"]), n_embed=spec["n_embed"], embed_dim=spec["embed_dim"])
+        with contextlib.redirect_stdout(io.StringIO()):   # VQModel prints its layer shapes
+            vq = VQModel(dict(spec["ddconfig"]), n_embed=spec["n_embed"], embed_dim=spec["embed_dim"])
     finally:
         torch.random.set_rng_state(state)
     if spec["url"]:
