@@ -1,7 +1,7 @@
 """Wall time of every training method for the same number of model steps on the embedded default
 (digits + the cached trained tiny ViT), and NS with the fast noise search against the faithful one.
 
-    PYTHONPATH=. python benchmarks/train_speed.py [--rounds 3] [--steps-per-round 10] [--batch-size 32]
+    PYTHONPATH=. python benchmarks/train_speed.py [--rounds 3] [--steps-per-round 40] [--batch-size 128]
 
 Targets (issue 4): default NS (fast search) <= 5x a `standard` fine-tune of the same steps, and <= 1/5 of
 NS with the faithful search, with every round reaching eps. Prints a table, then ONE JSON line.
@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps-per-round", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--search-batch-size", type=int, default=32)
+    p.add_argument("--steps-per-round", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--search-batch-size", type=int, default=128)
     p.add_argument("--methods", default="standard,ns,ns_faithful,random,madry,trades,dat,dat_ns")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--seed", type=int, default=0)

@@ -65,9 +65,13 @@ def test_ddp_two_gloo_ranks_share_noise_and_weights(tmp_path):
     start = default_model(progress=False)[0].state_dict()
     single = train(load_config(**CFG))
     sd = single["model"].state_dict()
-    assert max(float((sd[k] - a["state_dict"][k]).abs().max()) for k in sd) < 2e-5
-    assert max(float((sd[k] - start[k]).abs().max()) for k in sd) > 1e-3   # training really moved the weights
-    assert [round(r["noise_norm"], 3) for r in single["log"]] == [round(float(n.norm()), 3) for n in a["noises"]]
+    keys = [k for k in sd if sd[k].dtype.is_floating_point]
+    d_single = torch.cat([(sd[k] - start[k]).flatten() for k in keys])
+    d_ddp = torch.cat([(a["state_dict"][k] - start[k]).flatten() for k in keys])
+    assert float(d_single.norm()) > 1e-2                      # training really moved the weights
+    # AdamW turns float-rounding-sized gradients into lr-sized steps, so compare the updates as a whole
+    assert float((d_ddp - d_single).norm() / d_single.norm()) < 0.05
+    assert [r["noise_norm"] for r in single["log"]] == pytest.approx([float(n.norm()) for n in a["noises"]], rel=1e-3)
 
     # resuming the 2-process run in 1 process is refused, nothing is overwritten
     from ns_plugin.training.loop import Trainer

@@ -90,7 +90,7 @@ class _NoiseMixin:
         self.noise = None if n is None else n.clone()
 
     def _learn(self, t, rnd: int) -> Dict[str, Any]:
-        init = self.noise if (self.cfg.warm_start and self.noise is not None) else None
+        init = self.noise if (self.cfg.use_warm_start and self.noise is not None) else None
         noise, stats = t.find_noise(rnd, init=init)
         self.noise = noise
         return stats
