@@ -148,7 +148,9 @@ def init_distributed() -> Tuple[int, int, torch.device]:
         if cuda:
             torch.cuda.set_device(local)
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if cuda else "gloo")
+            from datetime import timedelta
+            # the other ranks wait in a broadcast while rank 0 searches the noise (up to 3000 steps)
+            dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(hours=2))
         return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
     return 0, 1, torch.device("cuda:0" if cuda else "cpu")
 

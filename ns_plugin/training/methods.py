@@ -121,8 +121,9 @@ class Nullspace(_NoiseMixin, Method):
 
 @trainers.register("random")
 class RandomNoise(Nullspace):
-    """001 Table 4 ablation: the same loss with Gaussian token noise whose ℓ2 norm matches this round's
-    learnt ε-approximate noise (or ``random_norm`` when set, which skips the search)."""
+    """001 Table 4 ablation: CE(clean) + CE(clean + Gaussian token noise of the learnt noise's norm).
+
+    The same loss as ``ns`` with Gaussian token noise whose ℓ2 norm matches this round's learnt ε-approximate noise (or ``random_norm`` when set, which skips the search)."""
 
     name = "random"
 
@@ -150,8 +151,9 @@ def _round_seed(seed: int, rnd: int, purpose: int) -> int:
 
 @trainers.register("madry")
 class Madry(Method):
-    """PGD adversarial training (Madry et al. 2018): L∞ PGD with random start (torchattacks.PGD,
-    ε 8/255, step 2/255, 10 steps by default); loss CE(adv) + ``madry_clean_weight``·CE(clean).
+    """Madry PGD adversarial training: CE(adv) (+ w·CE(clean)), L∞ PGD 8/255, step 2/255, 10 steps.
+
+    PGD with random start (torchattacks.PGD, ε 8/255, step 2/255, 10 steps by default); loss CE(adv) + ``madry_clean_weight``·CE(clean).
     The default weight 0 is classic Madry; 1 is the NS-ViT reference code's variant."""
 
     name = "madry"
@@ -175,7 +177,9 @@ class Madry(Method):
 
 @trainers.register("trades")
 class Trades(Method):
-    """TRADES (Zhang et al. 2019): adversarial images by KL-PGD from x + 0.001·N(0, I)
+    """TRADES (Zhang et al. 2019): CE(clean) + β·KL(p(clean) ‖ p(adv)) with KL-PGD adversarial images.
+
+    Adversarial images by KL-PGD from x + 0.001·N(0, I)
     (torchattacks.TPGD, ε 8/255, step 2/255, 10 steps); loss CE(clean) + β·KL(p(clean) ‖ p(adv)),
     β = ``trades_beta`` (default 6 as in the TRADES paper; the NS-ViT reference code used 1)."""
 
@@ -231,8 +235,9 @@ def build_vqgan(name: str = "small", *, seed: int = 0, device=None):
 
 @trainers.register("dat")
 class DAT(Method):
-    """Discrete Adversarial Training (Mao et al., NeurIPS 2022) as EasyRobust's DAT example does it:
-    x_rec = VQGAN(x); x_adv = one L2 PGD step on x_rec (EasyRobust's ``pgd_generator``, ε 0.1, lr 0.1,
+    """Discrete Adversarial Training (Mao et al. 2022): CE(x) + CE(VQGAN(x_adv)), as in EasyRobust's DAT.
+
+    As EasyRobust's DAT example does it: x_rec = VQGAN(x); x_adv = one L2 PGD step on x_rec (EasyRobust's ``pgd_generator``, ε 0.1, lr 0.1,
     random start with probability 0.8, model in train mode); loss CE(x) + CE(VQGAN(x_adv))."""
 
     name = "dat"
