@@ -23,6 +23,13 @@ SMALL = dict(rounds=2, steps_per_round=2, batch_size=8, train_limit=48, search_b
              pgd_steps=2, progress=False, plot=False)
 
 
+@pytest.fixture
+def model():
+    """A fresh copy of the cached trained embedded default (what ``model: default`` configs train)."""
+    from ns_plugin.embedded import default_model
+    return copy.deepcopy(default_model(progress=False)[0]).eval()
+
+
 def _cfg(**kw):
     from ns_plugin.training import load_config
     d = dict(SMALL)

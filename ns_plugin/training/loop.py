@@ -523,9 +523,8 @@ class Trainer:
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        ms = dict(ckpt.get("method_state") or {})
-        if isinstance(ms.get("noise"), torch.Tensor):
-            ms["noise"] = ms["noise"].to(self.device)
+        ms = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
+              for k, v in (ckpt.get("method_state") or {}).items()}
         self.method.load_state_dict(ms)
         self.stream.batches = int(ckpt["stream"]["batches"])
         self.round = int(ckpt["meta"]["round"])

@@ -78,21 +78,26 @@ class Standard(Method):
 
 
 class _NoiseMixin:
-    """Per-round token noise (001 Alg. 1 lines 3-14) and the CE(clean + noise) term (line 19)."""
+    """Per-round token noise (001 Alg. 1 lines 3-14) and the CE(clean + noise) term (line 19).
+
+    ``noise`` is what the loss uses; ``learnt`` is the last searched noise (the warm start of the next
+    search; the same tensor as ``noise`` except for the random ablation)."""
 
     noise: Optional[torch.Tensor] = None
+    learnt: Optional[torch.Tensor] = None
 
     def state_dict(self):
-        return {"noise": None if self.noise is None else self.noise.detach().cpu().clone()}
+        cp = lambda v: None if v is None else v.detach().cpu().clone()  # noqa: E731
+        return {"noise": cp(self.noise), "learnt": cp(self.learnt)}
 
     def load_state_dict(self, state):
-        n = state.get("noise")
-        self.noise = None if n is None else n.clone()
+        cp = lambda v: None if v is None else v.clone()  # noqa: E731
+        self.noise, self.learnt = cp(state.get("noise")), cp(state.get("learnt"))
 
     def _learn(self, t, rnd: int) -> Dict[str, Any]:
-        init = self.noise if (self.cfg.use_warm_start and self.noise is not None) else None
+        init = self.learnt if (self.cfg.use_warm_start and self.learnt is not None) else None
         noise, stats = t.find_noise(rnd, init=init)
-        self.noise = noise
+        self.noise = self.learnt = noise
         return stats
 
     def noisy_ce(self, t, x, y) -> torch.Tensor:
@@ -123,7 +128,10 @@ class Nullspace(_NoiseMixin, Method):
 class RandomNoise(Nullspace):
     """001 Table 4 ablation: CE(clean) + CE(clean + Gaussian token noise of the learnt noise's norm).
 
-    The same loss as ``ns`` with Gaussian token noise whose ℓ2 norm matches this round's learnt ε-approximate noise (or ``random_norm`` when set, which skips the search)."""
+    The same loss as ``ns`` with Gaussian token noise whose ℓ2 norm matches this round's learnt
+    ε-approximate noise (or ``random_norm`` when set, which skips the search). "ε-matched" as in 001
+    Table 4 / §5.5: for each ε the random noise has the size of the ε-approximate noise, not its
+    invariance (its MSE probability, logged as ``mse_prob``, is far above ε)."""
 
     name = "random"
 
