@@ -44,8 +44,10 @@ class TrainConfig:
     noise_lr: float = 0.1
     noise_max_steps: int = 3000        #: T, the cap on noise steps per round
     search: str = "fast"               #: "fast" or "faithful" (see ns_plugin.nullspace.approximate)
-    search_batch_size: int = 128       #: images the search uses each round
-    warm_start: bool = False           #: start each round's search from the previous noise (else fresh U(-lim, lim))
+    search_batch_size: int = 128       #: minibatch size of the noise search (B = 128, a fresh batch per step)
+    warm_start: Optional[bool] = None  #: start each round's search from the previous noise (expanded, then
+                                       #: descended); None = True for search "fast", False for "faithful"
+                                       #: (Alg. 1 line 3: fresh U(-lim, lim) every round)
     # --- random-noise ablation (001 Table 4)
     random_norm: Optional[float] = None  #: fixed norm for the random noise; None = the norm of this round's learnt noise
     # --- PGD baselines (001 Table 3)
@@ -123,6 +125,10 @@ class TrainConfig:
         if self.vqgan not in VQGAN_CONFIGS:
             raise NSPluginError(f"vqgan must be one of {sorted(VQGAN_CONFIGS)}, got {self.vqgan!r}")
         return self
+
+    @property
+    def use_warm_start(self) -> bool:
+        return (self.search == "fast") if self.warm_start is None else bool(self.warm_start)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -60,7 +60,7 @@ class _ScriptContext:
 
     def find_noise(self, rnd, init=None):
         from .loop import search_and_broadcast
-        x = self.x[: self.cfg.search_batch_size] if self.rank == 0 else None
+        x = self.x if self.rank == 0 else None
         return search_and_broadcast(self.raw, x, self.cfg, rnd, init=init, world=self.world, rank=self.rank,
                                     device=self.device)
 

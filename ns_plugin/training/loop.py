@@ -148,7 +148,9 @@ def init_distributed() -> Tuple[int, int, torch.device]:
         if cuda:
             torch.cuda.set_device(local)
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if cuda else "gloo")
+            from datetime import timedelta
+            # the other ranks wait in a broadcast while rank 0 searches the noise (up to 3000 steps)
+            dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(hours=2))
         return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
     return 0, 1, torch.device("cuda:0" if cuda else "cpu")
 
@@ -222,14 +224,15 @@ def _fetch(ds, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([a for a, _ in items]), torch.tensor([int(b) for _, b in items])
 
 
-def search_and_broadcast(raw: nn.Module, x: Optional[torch.Tensor], cfg: TrainConfig, rnd: int, *,
+def search_and_broadcast(raw: nn.Module, data, cfg: TrainConfig, rnd: int, *,
                          init: Optional[torch.Tensor] = None, world: int = 1, rank: int = 0,
                          device: Optional[torch.device] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """Run ``ns_plugin.nullspace.approximate.search_noise`` on rank 0 (fp32, eval mode, unwrapped model,
     init seeded by ``(cfg.seed, rnd)``) and ``dist.broadcast`` the noise and its statistics to every rank.
 
     Returns ``(noise (1, N, D), {"noise_steps", "mse_prob", "noise_norm", "reached", "search_seconds"})``;
-    every rank gets the identical noise. ``x`` is only used (and needed) on rank 0."""
+    every rank gets the identical noise. ``data`` (images tensor, Dataset or iterable of batches, drawn in
+    minibatches of ``cfg.search_batch_size``) is only used (and needed) on rank 0."""
     from ..anatomy import token_shape
 
     device = device or next(raw.parameters()).device
@@ -238,14 +241,14 @@ def search_and_broadcast(raw: nn.Module, x: Optional[torch.Tensor], cfg: TrainCo
     if rank == 0:
         from ..nullspace.approximate import search_noise
 
-        g = torch.Generator(device=device).manual_seed((cfg.seed * 1_000_003 + rnd * 101 + 1) % (2 ** 63))
+        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + rnd * 101 + 1) % (2 ** 63))
         was = raw.training
         raw.eval()
         try:
             with torch.autocast(device.type, enabled=False):
-                noise, rec = search_noise(raw, x.to(device), eps=cfg.eps, lim=cfg.lim, lr=cfg.noise_lr,
+                noise, rec = search_noise(raw, data, eps=cfg.eps, lim=cfg.lim, lr=cfg.noise_lr,
                                           max_steps=cfg.noise_max_steps, init=init, mode=cfg.search,
-                                          generator=g, progress=False)
+                                          batch_size=cfg.search_batch_size, generator=g, progress=False)
         finally:
             raw.train(was)
             for p in raw.parameters():
@@ -347,17 +350,25 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
 
     def search_images(self, rnd: int) -> torch.Tensor:
-        """The images the noise search of round ``rnd`` uses (seeded, the same on every rank)."""
+        """``search_batch_size`` images for round ``rnd`` (seeded, the same on every rank)."""
         g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + 104_729 + rnd)
         k = min(self.cfg.search_batch_size, len(self.train_set))
         idx = torch.randperm(len(self.train_set), generator=g)[:k]
         return _fetch(self.train_set, idx)[0].to(self.device)
 
+    def search_data(self):
+        """What the noise search draws its minibatches from: the training images (001 Alg. 1 line 5)."""
+        from torch.utils.data import TensorDataset
+        if isinstance(self.train_set, TensorDataset):
+            return self.train_set.tensors[0]
+        return self.train_set
+
     def find_noise(self, rnd: int, init: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
-        """The ε-approximate noise for round ``rnd`` (001 Eq. 8) on :meth:`search_images`: searched on rank 0
-        in fp32 and eval mode with the unwrapped model, then broadcast to every rank."""
-        x = self.search_images(rnd) if self.is_main else None
-        return search_and_broadcast(self.raw, x, self.cfg, rnd, init=init, world=self.world, rank=self.rank,
+        """The ε-approximate noise for round ``rnd`` (001 Eq. 8), each search step on a fresh minibatch of
+        ``search_batch_size`` training images: searched on rank 0 in fp32 and eval mode with the unwrapped
+        model, then broadcast to every rank."""
+        data = self.search_data() if self.is_main else None
+        return search_and_broadcast(self.raw, data, self.cfg, rnd, init=init, world=self.world, rank=self.rank,
                                     device=self.device)
 
     @torch.no_grad()
@@ -512,9 +523,8 @@ class Trainer:
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        ms = dict(ckpt.get("method_state") or {})
-        if isinstance(ms.get("noise"), torch.Tensor):
-            ms["noise"] = ms["noise"].to(self.device)
+        ms = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
+              for k, v in (ckpt.get("method_state") or {}).items()}
         self.method.load_state_dict(ms)
         self.stream.batches = int(ckpt["stream"]["batches"])
         self.round = int(ckpt["meta"]["round"])

@@ -78,21 +78,26 @@ class Standard(Method):
 
 
 class _NoiseMixin:
-    """Per-round token noise (001 Alg. 1 lines 3-14) and the CE(clean + noise) term (line 19)."""
+    """Per-round token noise (001 Alg. 1 lines 3-14) and the CE(clean + noise) term (line 19).
+
+    ``noise`` is what the loss uses; ``learnt`` is the last searched noise (the warm start of the next
+    search; the same tensor as ``noise`` except for the random ablation)."""
 
     noise: Optional[torch.Tensor] = None
+    learnt: Optional[torch.Tensor] = None
 
     def state_dict(self):
-        return {"noise": None if self.noise is None else self.noise.detach().cpu().clone()}
+        cp = lambda v: None if v is None else v.detach().cpu().clone()  # noqa: E731
+        return {"noise": cp(self.noise), "learnt": cp(self.learnt)}
 
     def load_state_dict(self, state):
-        n = state.get("noise")
-        self.noise = None if n is None else n.clone()
+        cp = lambda v: None if v is None else v.clone()  # noqa: E731
+        self.noise, self.learnt = cp(state.get("noise")), cp(state.get("learnt"))
 
     def _learn(self, t, rnd: int) -> Dict[str, Any]:
-        init = self.noise if (self.cfg.warm_start and self.noise is not None) else None
+        init = self.learnt if (self.cfg.use_warm_start and self.learnt is not None) else None
         noise, stats = t.find_noise(rnd, init=init)
-        self.noise = noise
+        self.noise = self.learnt = noise
         return stats
 
     def noisy_ce(self, t, x, y) -> torch.Tensor:
@@ -121,8 +126,12 @@ class Nullspace(_NoiseMixin, Method):
 
 @trainers.register("random")
 class RandomNoise(Nullspace):
-    """001 Table 4 ablation: the same loss with Gaussian token noise whose ℓ2 norm matches this round's
-    learnt ε-approximate noise (or ``random_norm`` when set, which skips the search)."""
+    """001 Table 4 ablation: CE(clean) + CE(clean + Gaussian token noise of the learnt noise's norm).
+
+    The same loss as ``ns`` with Gaussian token noise whose ℓ2 norm matches this round's learnt
+    ε-approximate noise (or ``random_norm`` when set, which skips the search). "ε-matched" as in 001
+    Table 4 / §5.5: for each ε the random noise has the size of the ε-approximate noise, not its
+    invariance (its MSE probability, logged as ``mse_prob``, is far above ε)."""
 
     name = "random"
 
@@ -150,8 +159,9 @@ def _round_seed(seed: int, rnd: int, purpose: int) -> int:
 
 @trainers.register("madry")
 class Madry(Method):
-    """PGD adversarial training (Madry et al. 2018): L∞ PGD with random start (torchattacks.PGD,
-    ε 8/255, step 2/255, 10 steps by default); loss CE(adv) + ``madry_clean_weight``·CE(clean).
+    """Madry PGD adversarial training: CE(adv) (+ w·CE(clean)), L∞ PGD 8/255, step 2/255, 10 steps.
+
+    PGD with random start (torchattacks.PGD, ε 8/255, step 2/255, 10 steps by default); loss CE(adv) + ``madry_clean_weight``·CE(clean).
     The default weight 0 is classic Madry; 1 is the NS-ViT reference code's variant."""
 
     name = "madry"
@@ -175,7 +185,9 @@ class Madry(Method):
 
 @trainers.register("trades")
 class Trades(Method):
-    """TRADES (Zhang et al. 2019): adversarial images by KL-PGD from x + 0.001·N(0, I)
+    """TRADES (Zhang et al. 2019): CE(clean) + β·KL(p(clean) ‖ p(adv)) with KL-PGD adversarial images.
+
+    Adversarial images by KL-PGD from x + 0.001·N(0, I)
     (torchattacks.TPGD, ε 8/255, step 2/255, 10 steps); loss CE(clean) + β·KL(p(clean) ‖ p(adv)),
     β = ``trades_beta`` (default 6 as in the TRADES paper; the NS-ViT reference code used 1)."""
 
@@ -208,10 +220,14 @@ def build_vqgan(name: str = "small", *, seed: int = 0, device=None):
     if name not in VQGAN_CONFIGS:
         raise NSPluginError(f"unknown VQGAN config {name!r} (known: {', '.join(sorted(VQGAN_CONFIGS))})")
     spec = VQGAN_CONFIGS[name]
+    import contextlib
+    import io
+
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        vq = VQModel(dict(spec["ddconfig"]), n_embed=spec["n_embed"], embed_dim=spec["embed_dim"])
+        with contextlib.redirect_stdout(io.StringIO()):   # VQModel prints its layer shapes
+            vq = VQModel(dict(spec["ddconfig"]), n_embed=spec["n_embed"], embed_dim=spec["embed_dim"])
     finally:
         torch.random.set_rng_state(state)
     if spec["url"]:
@@ -227,8 +243,9 @@ def build_vqgan(name: str = "small", *, seed: int = 0, device=None):
 
 @trainers.register("dat")
 class DAT(Method):
-    """Discrete Adversarial Training (Mao et al., NeurIPS 2022) as EasyRobust's DAT example does it:
-    x_rec = VQGAN(x); x_adv = one L2 PGD step on x_rec (EasyRobust's ``pgd_generator``, ε 0.1, lr 0.1,
+    """Discrete Adversarial Training (Mao et al. 2022): CE(x) + CE(VQGAN(x_adv)), as in EasyRobust's DAT.
+
+    As EasyRobust's DAT example does it: x_rec = VQGAN(x); x_adv = one L2 PGD step on x_rec (EasyRobust's ``pgd_generator``, ε 0.1, lr 0.1,
     random start with probability 0.8, model in train mode); loss CE(x) + CE(VQGAN(x_adv))."""
 
     name = "dat"
