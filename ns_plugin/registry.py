@@ -262,6 +262,7 @@ def _make_entrypoint(name: str, build, cfg: Dict[str, object], *, use_ema: bool,
             if not file:
                 raise NSPluginError(f"timm model {name} has no weights file; pass pretrained_cfg_overlay=dict(file=...)")
             if name == DIGITS_MODEL and file == cfg.get("file"):
+                file = _digits_weights_path()  # the cache folder as configured now ($NS_PLUGIN_CACHE)
                 _ensure_digits_weights(file)
             _, sd = _read_weights(file, use_ema)
             _load_weights_into(model, _bare_state_dict(sd), k_ckpt, source=f"weights {file}")
