@@ -407,7 +407,7 @@ def register_checkpoint(name: str, path, *, arch=None, use_ema: bool = False, ro
     return [n for n, _ in plan]
 
 
-def register(*, attacks_: bool = True, timm_models: bool = True, plugins: bool = True) -> Dict[str, List[str]]:
+def register(*, torchattacks: bool = True, timm: bool = True, plugins: bool = True) -> Dict[str, List[str]]:
     """Plug ns_plugin into the ecosystem; idempotent (calling it again changes nothing).
 
     * torchattacks: ``torchattacks.PatchFool``, ``NullspaceNoise``, ``TargetedNullspace``, ``EmbeddingMatch`` (also
@@ -416,14 +416,15 @@ def register(*, attacks_: bool = True, timm_models: bool = True, plugins: bool =
     * timm: the embedded architecture as ``ns_vit_digits``;
     * third-party attacks declared under the ``ns_plugin.attacks`` entry-point group.
 
-    A name clash with an existing torchattacks or timm name raises :class:`NSPluginError`.
+    ``torchattacks=False`` / ``timm=False`` / ``plugins=False`` skip a part. A name clash with an existing
+    torchattacks or timm name raises :class:`NSPluginError`.
     Returns ``{"attacks": [...], "timm": [...], "plugins": [...]}``.
     """
     out: Dict[str, List[str]] = {"attacks": [], "timm": [], "plugins": []}
     with _LOCK:
-        if attacks_:
+        if torchattacks:
             out["attacks"] = _register_builtin_attacks()
-        if timm_models:
+        if timm:
             out["timm"] = [register_timm_digits()]
         if plugins:
             out["plugins"] = load_attack_plugins()
