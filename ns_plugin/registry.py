@@ -335,7 +335,8 @@ def register_timm_digits() -> str:
                     mean=DIGITS_MEAN, std=DIGITS_STD, file=path, arch=DIGITS_MODEL,
                     description="ns_plugin embedded tiny ViT (32x32, patch 8, 4 blocks, width 64) on sklearn digits")
     entry = _make_entrypoint(DIGITS_MODEL, _arch_builder(DIGITS_MODEL), cfg, use_ema=False, robustbench=False)
-    _register_timm(DIGITS_MODEL, entry, cfg, (path, DIGITS_MODEL, False, "bare"))
+    # the weights file follows $NS_PLUGIN_CACHE at load time, so the signature does not include it
+    _register_timm(DIGITS_MODEL, entry, cfg, ("<ns_plugin cache>", DIGITS_MODEL, False, "bare"))
     return DIGITS_MODEL
 
 

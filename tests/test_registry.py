@@ -140,6 +140,8 @@ def test_ns_vit_digits_is_a_timm_model_with_weights(registered, trained, monkeyp
     from ns_plugin.models import DIGITS_MEAN, DIGITS_STD
     monkeypatch.setenv("NS_PLUGIN_CACHE", str(tmp_path))
     save_checkpoint(tmp_path / "vit_digits_s0_e30.pth", trained[0], meta={"arch": "ns_vit_digits"})
+    import ns_plugin
+    ns_plugin.register()  # again, with another cache folder: still a no-op
     m = timm.create_model("ns_vit_digits", pretrained=True).eval()
     assert type(m).__name__ == "VisionTransformer"
     sd = trained[0][1].state_dict()
