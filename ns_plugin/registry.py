@@ -262,6 +262,7 @@ def _make_entrypoint(name: str, build, cfg: Dict[str, object], *, use_ema: bool,
             if not file:
                 raise NSPluginError(f"timm model {name} has no weights file; pass pretrained_cfg_overlay=dict(file=...)")
             if name == DIGITS_MODEL and file == cfg.get("file"):
+                file = _digits_weights_path()  # the cache folder as configured now ($NS_PLUGIN_CACHE)
                 _ensure_digits_weights(file)
             _, sd = _read_weights(file, use_ema)
             _load_weights_into(model, _bare_state_dict(sd), k_ckpt, source=f"weights {file}")
@@ -334,7 +335,8 @@ def register_timm_digits() -> str:
                     mean=DIGITS_MEAN, std=DIGITS_STD, file=path, arch=DIGITS_MODEL,
                     description="ns_plugin embedded tiny ViT (32x32, patch 8, 4 blocks, width 64) on sklearn digits")
     entry = _make_entrypoint(DIGITS_MODEL, _arch_builder(DIGITS_MODEL), cfg, use_ema=False, robustbench=False)
-    _register_timm(DIGITS_MODEL, entry, cfg, (path, DIGITS_MODEL, False, "bare"))
+    # the weights file follows $NS_PLUGIN_CACHE at load time, so the signature does not include it
+    _register_timm(DIGITS_MODEL, entry, cfg, ("<ns_plugin cache>", DIGITS_MODEL, False, "bare"))
     return DIGITS_MODEL
 
 
@@ -406,7 +408,7 @@ def register_checkpoint(name: str, path, *, arch=None, use_ema: bool = False, ro
     return [n for n, _ in plan]
 
 
-def register(*, attacks_: bool = True, timm_models: bool = True, plugins: bool = True) -> Dict[str, List[str]]:
+def register(*, torchattacks: bool = True, timm: bool = True, plugins: bool = True) -> Dict[str, List[str]]:
     """Plug ns_plugin into the ecosystem; idempotent (calling it again changes nothing).
 
     * torchattacks: ``torchattacks.PatchFool``, ``NullspaceNoise``, ``TargetedNullspace``, ``EmbeddingMatch`` (also
@@ -415,14 +417,15 @@ def register(*, attacks_: bool = True, timm_models: bool = True, plugins: bool =
     * timm: the embedded architecture as ``ns_vit_digits``;
     * third-party attacks declared under the ``ns_plugin.attacks`` entry-point group.
 
-    A name clash with an existing torchattacks or timm name raises :class:`NSPluginError`.
+    ``torchattacks=False`` / ``timm=False`` / ``plugins=False`` skip a part. A name clash with an existing
+    torchattacks or timm name raises :class:`NSPluginError`.
     Returns ``{"attacks": [...], "timm": [...], "plugins": [...]}``.
     """
     out: Dict[str, List[str]] = {"attacks": [], "timm": [], "plugins": []}
     with _LOCK:
-        if attacks_:
+        if torchattacks:
             out["attacks"] = _register_builtin_attacks()
-        if timm_models:
+        if timm:
             out["timm"] = [register_timm_digits()]
         if plugins:
             out["plugins"] = load_attack_plugins()

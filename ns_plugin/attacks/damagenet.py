@@ -34,11 +34,13 @@ def _read_labels_file(root: Path, labels_file: Path):
 
 def _read_image_folder(root: Path):
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    numeric = bool(classes) and all(c.isdigit() for c in classes)
     samples = []
     for k, c in enumerate(classes):
+        label = int(c) if numeric else k  # numbered folders keep their number even when some are absent
         for f in sorted((root / c).rglob("*")):
             if f.is_file() and f.suffix.lower() in _IMAGE_EXT:
-                samples.append((f, k))
+                samples.append((f, label))
     if not samples:
         raise NSPluginError(f"adversarial set folder {root} has no images; lay it out as root/<class>/<image> "
                             f"(ImageFolder) or root/<image> with a labels file of '<image> <label>' lines")
@@ -52,8 +54,9 @@ class DamageNet(NSAttack):
     torchattacks attack, for harnesses that expect one: ``atk(images, labels)`` returns the stored
     adversarial images for that batch instead of computing them.
 
-    Layout: an ImageFolder ``root/<class>/<image>`` (labels = index of the class folder in sorted order; with
-    ImageNet wnid folders that is the ImageNet class index), or images with a labels file of
+    Layout: an ImageFolder ``root/<class>/<image>`` (labels = index of the class folder in sorted order, as
+    torchvision's ImageFolder; with all 1,000 ImageNet wnid folders that is the ImageNet class index; folders
+    named by numbers ``0, 1, ...`` keep their number, even when some are absent), or images with a labels file of
     ``<image file> <label>`` lines (``labels_file=``, or ``root/labels.txt`` when present). The stored images
     are matched to the clean batches either by position — consecutive calls return consecutive stored images,
     so iterate the clean data in the same order (``reset()`` rewinds) — or explicitly with
