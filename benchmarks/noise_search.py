@@ -18,6 +18,7 @@ and whether faithful and fast-fresh noises were identical.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -91,7 +92,8 @@ def main(argv=None) -> int:
         return sum(r[key][f] for r in rows)
 
     summary = dict(
-        rounds=args.rounds, eps=args.eps, expand=args.expand,
+        rounds=args.rounds, eps=args.eps,
+        expand=args.expand if args.expand is not None else inspect.signature(search_noise).parameters["expand"].default,
         faithful_steps=tot("faithful", "steps"), faithful_seconds=round(tot("faithful", "seconds"), 2),
         fast_fresh_steps=tot("fast_fresh", "steps"), fast_fresh_seconds=round(tot("fast_fresh", "seconds"), 2),
         fast_warm_steps=tot("fast_warm", "steps"), fast_warm_seconds=round(tot("fast_warm", "seconds"), 2),

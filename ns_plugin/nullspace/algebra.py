@@ -95,7 +95,7 @@ def convex_grid(model: nn.Module, noises: NoiseSet, x: torch.Tensor, *, pairs: i
     g = _generator(generator)
     chosen = []
     for _ in range(pairs):
-        i, j = torch.randperm(len(vs), generator=g)[:2].tolist()
+        i, j = torch.randperm(len(vs), generator=g, device=g.device if g is not None else "cpu")[:2].tolist()
         chosen.append((i, j))
     grid = torch.zeros(len(alphas), len(alphas))
     with frozen(net):

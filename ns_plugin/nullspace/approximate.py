@@ -93,6 +93,11 @@ def _generator(generator) -> Optional[torch.Generator]:
     raise NSPluginError(f"generator must be a torch.Generator or an int seed, got {type(generator).__name__}")
 
 
+def _gen_device(g: Optional[torch.Generator]) -> torch.device:
+    """Where random numbers are drawn: the generator's own device (CPU when there is none)."""
+    return g.device if g is not None else torch.device("cpu")
+
+
 def _device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -165,7 +170,8 @@ class _Batches:
         elif isinstance(data, Dataset) and hasattr(data, "__len__"):
             if len(data) == 0:
                 raise NSPluginError("the search data set is empty; pass at least one image")
-            self.loader = DataLoader(data, batch_size=self.bs, shuffle=True, generator=generator)
+            cpu_g = generator if generator is None or generator.device.type == "cpu" else None
+            self.loader = DataLoader(data, batch_size=self.bs, shuffle=True, generator=cpu_g)
         elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
             if iter(data) is data:
                 raise NSPluginError("search data is a one-shot iterator; pass a DataLoader, a list of batches or "
@@ -181,7 +187,8 @@ class _Batches:
         if self.x is not None:
             n = len(self.x)
             while True:
-                perm = torch.randperm(n, generator=self.generator)
+                perm = torch.randperm(n, generator=self.generator, device=_gen_device(self.generator))
+                perm = perm.to(self.x.device)
                 for i in range(0, n, self.bs):
                     yield self.x[perm[i:i + self.bs]].to(self.device)
         while True:
@@ -200,11 +207,11 @@ class _Batches:
 
 def uniform_noise(shape: Sequence[int], lim: float = 3.0, *, generator=None,
                   device=None, dtype=torch.float32) -> torch.Tensor:
-    """``U(-lim, lim)`` noise of ``shape`` (Alg. 1 line 3), drawn on the CPU with ``generator`` for
-    reproducibility and moved to ``device``."""
+    """``U(-lim, lim)`` noise of ``shape`` (Alg. 1 line 3), drawn with ``generator`` (on its device, the CPU
+    without one) for reproducibility and moved to ``device``."""
     _positive("lim", lim)
     g = _generator(generator)
-    v = torch.rand(tuple(shape), generator=g, dtype=torch.float32) * (2 * lim) - lim
+    v = torch.rand(tuple(shape), generator=g, dtype=torch.float32, device=_gen_device(g)) * (2 * lim) - lim
     return v.to(device=device or "cpu", dtype=dtype)
 
 
@@ -212,7 +219,7 @@ def permuted(noise: torch.Tensor, *, generator=None) -> torch.Tensor:
     """The same values as ``noise`` at randomly permuted positions (the control of seed 001 Fig. 3)."""
     g = _generator(generator)
     flat = noise.detach().reshape(-1)
-    idx = torch.randperm(flat.numel(), generator=g).to(flat.device)
+    idx = torch.randperm(flat.numel(), generator=g, device=_gen_device(g)).to(flat.device)
     return flat[idx].reshape(noise.shape)
 
 
