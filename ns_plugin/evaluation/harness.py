@@ -317,7 +317,7 @@ class Comparison:
                 res["notes"][col] = f"skipped: no {folder}/ folder"
         res["eval_seconds"] = round(time.time() - t0, 2)
         _write_json(path, res)
-        return res
+        return json.loads(path.read_text())  # the same (JSON-typed) record whether fresh or resumed
 
     def _attacks(self, model) -> Dict[str, Any]:
         import torchattacks

@@ -1,0 +1,102 @@
+"""The comparison harness behind `ns-plugin demo`: config checks, results-folder ownership, interruption
+and resume, and the outputs (tables, leaderboard JSON, timm registration) on a tiny real run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from ns_plugin.errors import NSPluginError
+
+TINY = {
+    "name": "tiny",
+    "training": {"rounds": 1, "steps_per_round": 2, "batch_size": 16, "search_batch_size": 16,
+                 "noise_max_steps": 30, "plot": False},
+    "runs": [{"name": "ViT", "method": None}, {"name": "ViT + FT", "method": "standard"},
+             {"name": "ViT + NS", "method": "ns"}],
+    "eval": {"n_attack": 8, "cw": {"c": 1.0, "steps": 3, "lr": 0.01}, "patchfool": {"patches": 1, "steps": 3},
+             "corruptions": ["gaussian_noise", "contrast"], "severities": [1, 5]},
+    "tables": {"table2": ["ViT", "ViT + NS"], "table3": ["ViT", "ViT + FT", "ViT + NS"]},
+}
+
+
+def test_config_errors_are_one_line():
+    from ns_plugin.evaluation.harness import load_comparison_config, validate_config
+    with pytest.raises(NSPluginError, match="unknown key 'rnus'.*did you mean 'runs'"):
+        load_comparison_config(None, rnus=[])
+    with pytest.raises(NSPluginError, match="unknown trainer 'nss'"):
+        load_comparison_config(None, runs=[{"name": "a", "method": "nss"}], tables={})
+    with pytest.raises(NSPluginError, match="unknown key 'epz' in run"):
+        load_comparison_config(None, runs=[{"name": "a", "method": "ns", "epz": 0.1}], tables={})
+    with pytest.raises(NSPluginError, match="not in runs"):
+        load_comparison_config(None, runs=[{"name": "a", "method": None}], tables={"table2": ["b"]})
+    with pytest.raises(NSPluginError, match="unknown key 'fgsm' in eval"):
+        load_comparison_config(None, eval={"fgsm": 1})
+
+
+def test_yaml_configs_in_benchmarks_are_valid():
+    import glob
+    from ns_plugin.evaluation.harness import load_comparison_config
+    files = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "configs", "compare", "*.yaml")))
+    assert len(files) >= 5
+    for f in files:
+        assert load_comparison_config(f)["runs"]
+
+
+def _run(cfg_path, out, **kw):
+    # a child of a non-interactive shell may inherit SIGINT as ignored; restore the default so Ctrl-C works
+    return subprocess.Popen([sys.executable, "-m", "ns_plugin", "demo", "--config", str(cfg_path), "--out", str(out),
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
+
+
+def test_tiny_comparison_interrupt_resume_and_outputs(tmp_path):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "res"
+    env = dict(os.environ)
+    # interrupt (Ctrl-C) once the first model's evaluation is on disk
+    p = _run(cfg_path, out, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "evals" / "vit.json").is_file():
+        time.sleep(0.2)
+    assert (out / "evals" / "vit.json").is_file(), p.communicate()[1][-2000:]
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr[-2000:]
+    assert json.loads((out / "run.json").read_text())["status"] == "partial"
+    if (out / "tables.md").is_file():
+        assert "PARTIAL" in (out / "tables.md").read_text()
+    first = json.loads((out / "evals" / "vit.json").read_text())
+    # resume: the same command finishes the run, reusing what exists
+    p = _run(cfg_path, out, env=env)
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    assert json.loads((out / "evals" / "vit.json").read_text()) == first
+    tables = (out / "tables.md").read_text()
+    assert "Table 2" in tables and "Table 3" in tables and "PARTIAL" not in tables
+    rows = json.loads((out / "rows.json").read_text())
+    assert rows["ViT"]["C"] == pytest.approx(100.0)  # the baseline's mCE against itself
+    for name, r in rows.items():
+        assert 0 <= r["PGD"] <= r["FGSM"] + 1e-9 <= r["Clean"] + 1e-9, name
+    lb = json.loads((out / "leaderboard" / "Linf" / "vit___ns.json").read_text())
+    for field in ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
+                  "architecture", "eps", "clean_acc", "reported", "autoattack_acc"):
+        assert field in lb
+    assert (out / "table2.csv").read_text().startswith("Method,Clean")
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert set(summary["rows"]) == {"ViT", "ViT + FT", "ViT + NS"}
+    # a different config in the same folder is refused, nothing is touched
+    other = dict(TINY, name="other")
+    cfg2 = tmp_path / "other.yaml"
+    cfg2.write_text(yaml.safe_dump(other))
+    before = (out / "run.json").read_text()
+    p = _run(cfg2, out)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "holds another run" in err and "Traceback" not in err
+    assert (out / "run.json").read_text() == before
