@@ -25,7 +25,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--search-batch-size", type=int, default=128)
     p.add_argument("--methods", default="standard,ns,ns_faithful,random,madry,trades,dat,dat_ns")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads (1: on a shared 2-core machine 2 threads were up to 50x slower)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 

@@ -45,7 +45,12 @@ def run(args: argparse.Namespace) -> int:
 
     from ..training.loop import train
 
-    summary = train(cfg, out, resume=args.resume)
+    try:
+        summary = train(cfg, out, resume=args.resume)
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():   # set up by the trainer under torchrun
+            dist.destroy_process_group()
     if summary.get("out"):
         last = summary["log"][-1] if summary["log"] else {}
         keys = [k for k in ("loss", "noise_norm", "mse_prob", "noise_steps", "probe_clean_acc", "probe_fgsm_acc")

@@ -49,7 +49,7 @@ class TrainConfig:
                                        #: descended); None = True for search "fast", False for "faithful"
                                        #: (Alg. 1 line 3: fresh U(-lim, lim) every round)
     # --- random-noise ablation (001 Table 4)
-    random_norm: Optional[float] = None  #: fixed norm for the random noise; None = the norm of this round's learnt noise
+    random_norm: Optional[float] = None  #: fixed norm of the random noise; None = this round's learnt norm
     # --- PGD baselines (001 Table 3)
     pgd_eps: float = 8 / 255
     pgd_alpha: float = 2 / 255

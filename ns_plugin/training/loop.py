@@ -208,11 +208,16 @@ def build_data(cfg: TrainConfig, model: nn.Module):
         size = cfg.image_size or ((input_size(model) or (3, None, None))[1])
         tr = root / "train" if (root / "train").is_dir() else root
         train = image_folder(tr, size)
-        probe = tensors(image_folder(root / "val", size), cfg.probe_size) if cfg.probe and (root / "val").is_dir() else None
+        probe = None
+        if cfg.probe and (root / "val").is_dir():
+            probe = tensors(image_folder(root / "val", size), cfg.probe_size)
     if cfg.train_limit:
         from torch.utils.data import Subset, TensorDataset
         n = min(cfg.train_limit, len(train))
-        train = TensorDataset(*[t[:n] for t in train.tensors]) if isinstance(train, TensorDataset) else Subset(train, range(n))
+        if isinstance(train, TensorDataset):
+            train = TensorDataset(*[t[:n] for t in train.tensors])
+        else:
+            train = Subset(train, range(n))
     return train, probe
 
 
@@ -591,7 +596,8 @@ def plot_log(rows: List[Dict[str, Any]], path: os.PathLike, title: str = "") -> 
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = 0
     for k in PLOT_KEYS:
-        pts = [(r["step"], float(r[k])) for r in rows if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+        pts = [(r["step"], float(r[k])) for r in rows
+               if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
         if len(pts) < 1 or pts[0][1] == 0 or not math.isfinite(pts[0][1]):
             continue
         base = pts[0][1]

@@ -161,7 +161,8 @@ def _round_seed(seed: int, rnd: int, purpose: int) -> int:
 class Madry(Method):
     """Madry PGD adversarial training: CE(adv) (+ w·CE(clean)), L∞ PGD 8/255, step 2/255, 10 steps.
 
-    PGD with random start (torchattacks.PGD, ε 8/255, step 2/255, 10 steps by default); loss CE(adv) + ``madry_clean_weight``·CE(clean).
+    PGD with random start (torchattacks.PGD, ε 8/255, step 2/255, 10 steps by default);
+    loss CE(adv) + ``madry_clean_weight``·CE(clean).
     The default weight 0 is classic Madry; 1 is the NS-ViT reference code's variant."""
 
     name = "madry"
@@ -245,7 +246,8 @@ def build_vqgan(name: str = "small", *, seed: int = 0, device=None):
 class DAT(Method):
     """Discrete Adversarial Training (Mao et al. 2022): CE(x) + CE(VQGAN(x_adv)), as in EasyRobust's DAT.
 
-    As EasyRobust's DAT example does it: x_rec = VQGAN(x); x_adv = one L2 PGD step on x_rec (EasyRobust's ``pgd_generator``, ε 0.1, lr 0.1,
+    As EasyRobust's DAT example does it: x_rec = VQGAN(x); x_adv = one L2 PGD step on x_rec
+    (EasyRobust's ``pgd_generator``, ε 0.1, lr 0.1,
     random start with probability 0.8, model in train mode); loss CE(x) + CE(VQGAN(x_adv))."""
 
     name = "dat"
