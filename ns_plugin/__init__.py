@@ -15,6 +15,7 @@ from .errors import NSPluginError  # noqa: E402  (tiny, no heavy imports)
 
 # public name -> module that defines it (loaded lazily)
 _LAZY = {
+    # data, models, checkpoints (the embedded default and EasyRobust's conventions)
     "load_digits": "ns_plugin.data",
     "image_folder": "ns_plugin.data",
     "build_default_model": "ns_plugin.models",
@@ -24,8 +25,23 @@ _LAZY = {
     "save_checkpoint": "ns_plugin.checkpoint",
     "load_checkpoint": "ns_plugin.checkpoint",
     "read_checkpoint": "ns_plugin.checkpoint",
+    # exact nullspace (seed 001 §3.1) and the approximate, encoder-level noise (§3.2-4)
     "exact_nullspace": "ns_plugin.nullspace.exact",
+    "verify_invariance": "ns_plugin.nullspace.exact",
+    "inject_noise": "ns_plugin.anatomy",
+    "token_shape": "ns_plugin.anatomy",
+    "search_noise": "ns_plugin.nullspace.approximate",
+    "search_input_noise": "ns_plugin.nullspace.approximate",
+    "noise_quality": "ns_plugin.nullspace.approximate",
+    # fine-tuning (Algorithm 1 and the baselines), the plugin hooks, the comparison harness
+    "train": "ns_plugin.training",
+    "load_config": "ns_plugin.training",
     "register": "ns_plugin.registry",
+    "register_checkpoint": "ns_plugin.registry",
+    "run_comparison": "ns_plugin.evaluation.harness",
+    # applications
+    "watermark_images": "ns_plugin.applications.watermark",
+    "fingerprint": "ns_plugin.applications.fingerprint",
 }
 
 __all__ = ["NSPluginError", "__version__", *_LAZY]

@@ -38,7 +38,7 @@ DEMO_CONFIG: Dict[str, Any] = {
     "data": "digits",
     "model": "default",
     "seed": 0,
-    "training": {"rounds": 4, "steps_per_round": 10, "batch_size": 64, "lr": 1e-4, "search_batch_size": 64,
+    "training": {"rounds": 5, "steps_per_round": 12, "batch_size": 64, "lr": 1e-4, "search_batch_size": 64,
                  "noise_max_steps": 300, "pgd_steps": 3, "pgd_alpha": 3 / 255, "plot": True},
     "runs": [
         {"name": "ViT", "method": None},
@@ -54,7 +54,7 @@ DEMO_CONFIG: Dict[str, Any] = {
         {"name": "NS eps=0.1", "method": "ns", "eps": 0.1},
         {"name": "random eps=0.1", "method": "random", "eps": 0.1},
     ],
-    "eval": {"n_attack": 120, "fgsm_eps": 8 / 255, "pgd": {"eps": 8 / 255, "alpha": 2 / 255, "steps": 10},
+    "eval": {"n_attack": 120, "fgsm_eps": 1 / 255, "pgd": {"eps": 2 / 255, "alpha": 0.5 / 255, "steps": 10},
              "cw": {"c": 1.0, "steps": 30, "lr": 0.01}, "patchfool": {"patches": 1, "steps": 30},
              "autoattack": None, "damagenet": None, "engine": "fast", "severities": [1, 2, 3, 4, 5],
              "corruptions": "all"},
