@@ -293,6 +293,8 @@ class Comparison:
         res["Clean"] = folder_accuracy(model, root / "imagenet-val", engine="easyrobust")
         res["clean_images_per_s"] = round(len(test[1]) / max(time.time() - t0, 1e-9), 1)
         x, y = test[0][:ev["n_attack"]], test[1][:ev["n_attack"]]
+        from .suite import top1
+        res["clean_attack_subset"] = top1(model, x, y)  # attacks run on these images only
         for col, atk in self._attacks(model).items():
             if isinstance(atk, str):
                 res[col], res["notes"][col] = None, atk
@@ -359,6 +361,9 @@ class Comparison:
         md = io.StringIO()
         flag = " (PARTIAL: the run was interrupted; resume to complete)" if partial else ""
         md.write(f"# {self.cfg['name']}: robustness comparison{flag}\n\n")
+        md.write(f"Attacks run on the first {self.cfg['eval']['n_attack']} test images (FGSM ε={self.cfg['eval']['fgsm_eps'] * 255:.3g}/255, "
+                 f"PGD ε={self.cfg['eval']['pgd']['eps'] * 255:.3g}/255 x{self.cfg['eval']['pgd']['steps']}, CW L2 c={self.cfg['eval']['cw']['c']}, "
+                 f"PatchFool {self.cfg['eval']['patchfool'].get('patches', 1)} patch); Clean is the whole test set. ")
         md.write(f"C is the mCE against the baseline run ({self.baseline_name!r} = 100), lower is better; the "
                  f"Average is the paper's: the mean over the columns with values, C entering as 100 - mCE "
                  f"(PGD, our extra column, is left out of it). Empty cells were skipped (see notes).\n\n")
