@@ -27,14 +27,11 @@ transformed-vs-target; :func:`plot_triplets` draws them (Fig. 5 / Fig. 7 style).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NSPluginError
@@ -295,14 +292,9 @@ def plot_triplets(report: TripletReport, path: Union[str, Path], *, methods: Opt
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix="." + fmt)
-    os.close(fd)
+    from ..io import atomic_savefig
     try:
-        fig.savefig(tmp, format=fmt, dpi=dpi)
-        os.replace(tmp, path)
+        atomic_savefig(fig, path, format=fmt, dpi=dpi)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

@@ -531,15 +531,8 @@ def evaluate_watermark(model: nn.Module, images: torch.Tensor, watermarked: torc
 
 
 def _atomic_savefig(fig, out: Path, dpi: int = 110) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=out.suffix or ".png", dir=out.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, format=(out.suffix.lstrip(".") or "png"))
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from ..io import atomic_savefig
+    atomic_savefig(fig, out, dpi=dpi)
 
 
 def watermark_figure(out: Union[str, Path], watermark: torch.Tensor, images: torch.Tensor,

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import torch
 
 from ..errors import NSPluginError
 from .corruptions import IMAGENET_C
@@ -157,10 +156,8 @@ def config_hash(cfg: Dict[str, Any]) -> str:
 # small atomic helpers
 # ----------------------------------------------------------------------------------------------------------
 def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from ..io import atomic_write_text
+    atomic_write_text(path, text)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -303,7 +300,6 @@ class Comparison:
             res[col], res[f"{col}_images_per_s"] = acc, round(ips, 1)
         dn = ev.get("damagenet")
         if dn and Path(dn).is_dir():
-            from ..data import image_folder, tensors
             res["DamageNet"] = folder_accuracy(model, dn, engine="fast")
         else:
             res["DamageNet"], res["notes"]["DamageNet"] = None, "skipped: no DamageNet folder configured"
@@ -457,12 +453,11 @@ class Comparison:
             a.grid(alpha=.3)
         axes[1].legend(fontsize=6)
         fig.tight_layout()
-        out = self.out / "training_curves.png"
-        tmp = out.with_name(".training_curves.tmp.png")
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, out)
-        return out
+        from ..io import atomic_savefig
+        try:
+            return atomic_savefig(fig, self.out / "training_curves.png", dpi=110)
+        finally:
+            plt.close(fig)
 
     def register_models(self) -> List[str]:
         """Register every checkpoint as a timm model ``ns_<config>_<run>`` (and robustbench's form)."""

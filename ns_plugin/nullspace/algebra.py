@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import NSPluginError
-from .approximate import (_delta, _device, _eval_logits, _generator, _validate_noise, frozen, noise_quality,
+from .approximate import (_delta, _eval_logits, _generator, _validate_noise, frozen, noise_quality,
                           search_noise)
 
 __all__ = ["learn_noises", "scale_influence", "convex_grid", "plot_scale_influence", "plot_convex_grid",
@@ -108,19 +108,8 @@ def convex_grid(model: nn.Module, noises: NoiseSet, x: torch.Tensor, *, pairs: i
 
 
 def _atomic_fig(fig, path: Union[str, os.PathLike]) -> Path:
-    import tempfile
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from ..io import atomic_savefig
+    return atomic_savefig(fig, path, dpi=120, bbox_inches="tight")
 
 
 def plot_scale_influence(result: Dict[str, list], path: Union[str, os.PathLike], *, eps: Optional[float] = None

@@ -319,10 +319,6 @@ def figure2(model: nn.Module, out, *, x: Optional[torch.Tensor] = None, scale: O
     ``clamp(x + v, 0, 1)``, which leaves the nullspace wherever pixels saturate (digits have black backgrounds,
     so :meth:`PatchNullspace.max_scale` is 0 for them).
     """
-    import os
-    import tempfile
-    from pathlib import Path
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -354,17 +350,11 @@ def figure2(model: nn.Module, out, *, x: Optional[torch.Tensor] = None, scale: O
             ax.axis("off")
     fig.suptitle(f"exact patch-embedding nullspace noise (nullity {ns.nullity} of {ns.input_dim})", fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=out.parent)
-    os.close(fd)
+    from ..io import atomic_savefig
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, out)
+        atomic_savefig(fig, out, dpi=100)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     same = lambda p: float((p_clean.argmax(1) == p.argmax(1)).float().mean())  # noqa: E731
     return {"nullity": ns.nullity, "pred_match": same(p_noisy), "max_prob_diff": float((p_clean - p_noisy).abs().max()),
             "pred_match_clipped": same(p_clip), "max_prob_diff_clipped": float((p_clean - p_clip).abs().max()),

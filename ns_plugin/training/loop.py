@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NSPluginError
@@ -562,9 +561,8 @@ class Trainer:
 # logs and plot
 # ---------------------------------------------------------------------------------------------------
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from ..io import atomic_write_text
+    atomic_write_text(path, text)
 
 
 def write_log(rows: List[Dict[str, Any]], out: Path) -> None:
@@ -609,13 +607,12 @@ def plot_log(rows: List[Dict[str, Any]], path: os.PathLike, title: str = "") -> 
     ax.set_title(f"{title} (normalised to start, as in 001 Fig. 4)")
     if drawn:
         ax.legend(fontsize=7)
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
+    from ..io import atomic_savefig
     fig.tight_layout()
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_savefig(fig, path, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def train(cfg: TrainConfig, out: Optional[os.PathLike] = None, *, resume: bool = False,
