@@ -11,15 +11,6 @@ from ns_plugin.nullspace.exact import exact_nullspace
 
 
 @pytest.fixture(scope="module")
-def trained():
-    """The embedded default (same data, seed and epochs as conftest's ``trained``) from the ns_plugin cache:
-    trained once per machine instead of once per session, so this file stays fast on a loaded machine."""
-    from ns_plugin.embedded import default_model
-    model, metrics = default_model(progress=False)
-    return model.eval(), metrics
-
-
-@pytest.fixture(scope="module")
 def batch(digits):
     x, y = digits.test.tensors
     return x[:8].clone(), y[:8].clone()

@@ -15,15 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def trained():
-    """The embedded default (same data, seed and epochs as conftest's ``trained``) from the ns_plugin cache:
-    trained once per machine instead of once per session, so this file stays fast on a loaded machine."""
-    from ns_plugin.embedded import default_model
-    model, metrics = default_model(progress=False)
-    return model.eval(), metrics
-
-
-@pytest.fixture(scope="module")
 def registered():
     import ns_plugin
     return ns_plugin.register()
