@@ -96,7 +96,7 @@ def test_targeted_projection_triplets_keep_source_prediction_and_maps(model, pai
     rep = T.targeted_triplets(model, src, tgt, methods=("rollout", "chefer"))
     s = rep.summary
     assert s["mode"] == "project" and s["fit"] == "none" and s["n"] == 4
-    assert s["embedding_residual"] < 1e-8 and s["max_logit_diff"] < 1e-3
+    assert s["embedding_residual"] < 1e-5 and s["max_logit_diff"] < 1e-3
     assert s["match_source"] == 1.0 and s["source_target_differ"] == 1.0 and s["match_target"] == 0.0
     assert s["l2_to_target"] < s["l2_source_target"] and s["closer_to_target"] == 1.0
     for m in ("rollout", "chefer"):
