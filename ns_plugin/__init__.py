@@ -42,6 +42,8 @@ _LAZY = {
     # applications
     "watermark_images": "ns_plugin.applications.watermark",
     "fingerprint": "ns_plugin.applications.fingerprint",
+    "targeted_triplets": "ns_plugin.applications.targeted",
+    "saliency_maps": "ns_plugin.applications.saliency",
 }
 
 __all__ = ["NSPluginError", "__version__", *_LAZY]

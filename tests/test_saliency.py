@@ -145,3 +145,16 @@ def test_models_without_exact_nullspace_or_attention_are_refused(pairs):
         T.nullspace_transform(cnn)
     with pytest.raises(NSPluginError, match="VisionTransformer"):
         S.saliency_maps(cnn, pairs[0][:1])
+
+
+def test_triplets_reuse_the_targeted_attack(model, digits):
+    """The triplet driver with the torchattacks TargetedNullspace attack: in-range images, same predictions."""
+    from ns_plugin.applications.targeted import attack_transform, targeted_triplets
+    x, y = digits.test.tensors
+    src, tgt = x[:4], x[10:14]
+    rep = targeted_triplets(model, src, tgt, transform=attack_transform(model), saliency=False)
+    assert rep.transformed.min() >= 0 and rep.transformed.max() <= 1
+    assert rep.summary["match_source"] == 1.0
+    d_before = (src - tgt).flatten(1).norm(dim=1).mean()
+    d_after = (rep.transformed - tgt).flatten(1).norm(dim=1).mean()
+    assert d_after < d_before

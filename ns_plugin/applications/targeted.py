@@ -121,6 +121,20 @@ def nullspace_transform(model: nn.Module, *, mode: str = "project", channels: Se
     return transform
 
 
+def attack_transform(model: nn.Module, **attack_kwargs) -> Transform:
+    """The targeted transform of the torchattacks attack :class:`ns_plugin.attacks.TargetedNullspace`
+    (box-constrained by default, so the transformed images stay in [0, 1] and in the nullspace), as a
+    ``(source, target) -> transformed`` callable for :func:`targeted_triplets`."""
+    from ..attacks import TargetedNullspace
+    atk = TargetedNullspace(model, **attack_kwargs)
+
+    def transform(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            labels = model(source).argmax(1)
+        return atk(source, labels, target_images=target)
+    return transform
+
+
 @dataclass
 class TripletReport:
     """Result of :func:`targeted_triplets`: ``summary`` (JSON-able numbers), ``per_image`` (one dict per
