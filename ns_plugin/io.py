@@ -35,3 +35,19 @@ def atomic_savefig(fig, path: PathLike, **savefig_kw) -> Path:
     path = Path(path)
     fmt = savefig_kw.pop("format", None) or (path.suffix.lstrip(".") or "png")
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **savefig_kw), suffix="." + fmt)
+
+
+def read_yaml_mapping(path: PathLike) -> dict:
+    """The mapping in a YAML file, or one clear :class:`NSPluginError` (missing file, bad YAML, not a mapping)."""
+    import yaml
+    from .errors import NSPluginError
+    p = Path(path)
+    if not p.is_file():
+        raise NSPluginError(f"config file {path} does not exist")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise NSPluginError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise NSPluginError(f"config file {path} must hold a mapping of keys")
+    return d

@@ -9,6 +9,16 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: on a loaded 2-core machine two OpenMP threads per process made the
+    small noise searches ~50x slower (58 s instead of 1.1 s measured here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def digits():
     from ns_plugin.data import load_digits

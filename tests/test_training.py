@@ -19,14 +19,7 @@ from ns_plugin.errors import NSPluginError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a loaded 2-core machine two OpenMP threads per process made the small
-    searches ~50x slower (58 s instead of 1.1 s measured here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 METHODS = ["standard", "ns", "random", "madry", "trades", "dat", "dat_ns"]
 # tiny but real: 2 rounds x 2 steps on 48 training images, 16-image noise search
 SMALL = dict(rounds=2, steps_per_round=2, batch_size=8, train_limit=48, search_batch_size=16, lr=1e-4,

@@ -82,17 +82,8 @@ def load_comparison_config(path: Optional[os.PathLike] = None, **overrides) -> D
     """The demo config, or a YAML file's (keys it omits take the demo's values), validated."""
     cfg = copy.deepcopy(DEMO_CONFIG)
     if path is not None:
-        import yaml
-        p = Path(path)
-        if not p.is_file():
-            raise NSPluginError(f"config file {p} does not exist")
-        try:
-            user = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise NSPluginError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(user, dict):
-            raise NSPluginError(f"config file {p} must hold a mapping of keys")
-        _merge(cfg, user)
+        from ..io import read_yaml_mapping
+        _merge(cfg, read_yaml_mapping(path))
     _merge(cfg, overrides)
     return validate_config(cfg)
 

@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..errors import NSPluginError
@@ -205,17 +204,9 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
 
 def read_yaml(path: str) -> Dict[str, Any]:
     """The mapping in a YAML config file, with dashes in keys normalised to underscores."""
-    import yaml
+    from ..io import read_yaml_mapping
 
-    p = Path(path)
-    if not p.is_file():
-        raise NSPluginError(f"config file {path} does not exist")
-    try:
-        d = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise NSPluginError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(d, dict):
-        raise NSPluginError(f"config file {path} must hold a mapping of option: value")
+    d = read_yaml_mapping(path)
     d = {str(k).replace("-", "_"): v for k, v in d.items()}
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(d) - known)
