@@ -147,19 +147,26 @@ class TargetImagesMixin:
     def set_target_images(self, target):
         r"""Set the target images (N, C, H, W), (1, C, H, W) or (C, H, W) in [0, 1]; None restores the default."""
         if target is not None:
-            if isinstance(target, torch.Tensor) and target.dim() == 3:
-                target = target.unsqueeze(0)
-            target = self._check_inputs(target, what="target images")
+            target = self._checked_targets(target)
         object.__setattr__(self, "_target", target)
+
+    def _checked_targets(self, t):
+        if isinstance(t, torch.Tensor) and t.dim() == 3:
+            t = t.unsqueeze(0)
+        return self._check_inputs(t, what="target images")
+
+    def _prepare(self, images, labels, target_images=None):
+        """The checked images and the target for each (shared prologue of the targeted attacks' forward)."""
+        images = self._check_inputs(images)
+        self._check_labels(labels, len(images), required=False)
+        return images, self._targets_for(images, target_images)
 
     def _targets_for(self, images, target_images=None):
         t = target_images if target_images is not None else self._target
         if t is None:
             return default_targets(images)
         if target_images is not None:
-            if isinstance(t, torch.Tensor) and t.dim() == 3:
-                t = t.unsqueeze(0)
-            t = self._check_inputs(t, what="target images")
+            t = self._checked_targets(t)
         if tuple(t.shape[1:]) != tuple(images.shape[1:]):
             raise NSPluginError(f"target images have shape {tuple(t.shape[1:])} but the images have "
                                 f"{tuple(images.shape[1:])}; resize the targets to the input size")

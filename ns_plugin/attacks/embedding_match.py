@@ -84,9 +84,7 @@ class EmbeddingMatch(TargetImagesMixin, NSAttack):
         r"""
         Overridden.
         """
-        images = self._check_inputs(images)
-        self._check_labels(labels, len(images), required=False)
-        target = self._targets_for(images, target_images)
+        images, target = self._prepare(images, labels, target_images)
         n = len(images)
         with torch.no_grad():
             goal = self.represent(target).detach()

@@ -85,9 +85,7 @@ class TargetedNullspace(TargetImagesMixin, NSAttack):
         r"""
         Overridden.
         """
-        images = self._check_inputs(images)
-        self._check_labels(labels, len(images), required=False)
-        target = self._targets_for(images, target_images)
+        images, target = self._prepare(images, labels, target_images)
         ns = self._nullspace()
         x64, t64 = images.to(torch.float64), target.to(torch.float64)
         if self.channels == "all":

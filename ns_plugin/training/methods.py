@@ -100,6 +100,9 @@ class _NoiseMixin:
         self.noise = self.learnt = noise
         return stats
 
+    def begin_round(self, t, rnd):
+        return self._learn(t, rnd)
+
     def noisy_ce(self, t, x, y) -> torch.Tensor:
         from ..anatomy import inject_noise
 
@@ -114,9 +117,6 @@ class Nullspace(_NoiseMixin, Method):
 
     name = "ns"
     uses_noise = True
-
-    def begin_round(self, t, rnd):
-        return self._learn(t, rnd)
 
     def loss(self, t, x, y):
         clean = self.ce(t, x, y)
@@ -283,16 +283,10 @@ class DATNullspace(_NoiseMixin, DAT):
     name = "dat_ns"
     uses_noise = True
 
-    def begin_round(self, t, rnd):
-        return self._learn(t, rnd)
-
     def loss(self, t, x, y):
-        adv = self.dat_images(t, x, y)
-        clean = self.ce(t, x, y)
-        dat = self.ce(t, adv, y)
+        dat_loss, parts = super().loss(t, x, y)  # the DAT terms, adversarial images first
         noisy = self.noisy_ce(t, x, y)
-        return clean + dat + noisy, {"ce_clean": float(clean.detach()), "ce_dat": float(dat.detach()),
-                                     "ce_noise": float(noisy.detach())}
+        return dat_loss + noisy, {**parts, "ce_noise": float(noisy.detach())}
 
 
 def get_method(name: str):
