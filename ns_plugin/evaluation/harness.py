@@ -470,16 +470,20 @@ class Comparison:
             self.log(f"resuming the {status} run in {self.out}")
         t0 = time.time()
         evals: Dict[str, Dict[str, Any]] = {}
-        try:
-            root, test = self.data()
-            for run in tqdm(self.cfg["runs"], desc="fine-tune + evaluate", disable=not self.progress):
-                ck = self.finetune(run)
-                evals[run["name"]] = self.evaluate(run, ck, root, test)
-        except KeyboardInterrupt:
-            self._state("partial")
-            if evals:
-                self.tables(evals, partial=True)
-            raise
+        with _Interruptible() as stop:
+            try:
+                root, test = self.data()
+                for run in tqdm(self.cfg["runs"], desc="fine-tune + evaluate", disable=not self.progress):
+                    stop.check()
+                    ck = self.finetune(run)
+                    stop.check()
+                    evals[run["name"]] = self.evaluate(run, ck, root, test)
+                stop.check()
+            except KeyboardInterrupt:
+                self._state("partial")
+                if evals:
+                    self.tables(evals, partial=True)
+                raise
         text = self.tables(evals, partial=False)
         rows = json.loads((self.out / "rows.json").read_text())
         self.leaderboard(evals, rows)
@@ -491,6 +495,38 @@ class Comparison:
         _write_json(self.out / "summary.json", summary)
         self._state("complete")
         return {"tables": text, **summary}
+
+
+class _Interruptible:
+    """Ctrl-C during a comparison always ends it as "partial". The SIGINT handler records the request and
+    raises KeyboardInterrupt as usual, but a KeyboardInterrupt raised inside a finaliser (e.g. a DataLoader
+    shutting its workers down) is swallowed by Python; :meth:`check` at every step boundary raises it again.
+    Installed only in the main thread; the previous handler is restored on exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
 
 
 def _bench_cache() -> Path:
