@@ -2,13 +2,21 @@
 """Run one of the paper's comparisons from a YAML config (seed 001 Tables 2-4).
 
     python benchmarks/compare.py benchmarks/configs/compare/ns_vs_baseline.yaml --out results/ns_vs_baseline
+    torchrun --nproc_per_node 8 benchmarks/compare.py benchmarks/configs/compare/imagenet_vit_b.yaml
+    python benchmarks/compare.py benchmarks/configs/compare/imagenet_vit_s.yaml --smoke        # dress rehearsal
 
 Configs in benchmarks/configs/compare/: demo (everything, embedded default), ns_vs_baseline, dat_vs_dat_ns,
 adversarial (NS vs Madry vs TRADES), ablation (ε and random noise), and imagenet_vit_b / imagenet_vit_s for
-GPU users with ImageNet and EasyRobust's benchmark folders. Ends with one JSON line of the measured rows.
+GPU users with ImageNet and EasyRobust's benchmark folders.
+
+``--smoke`` (``--smoke quick`` for the test suite's size) is the dress rehearsal of a paper config: the same
+architecture at 224, rows, EMA, AMP flag, evaluators and tables, at toy size, on an ImageNet-layout folder of
+variable-size JPEGs it generates (cached); it runs under ``torchrun`` as the real run does. Under ``torchrun``
+only rank 0 prints. Ends with one JSON line of the measured rows.
 """
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -23,20 +31,33 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("config", help="comparison YAML")
     p.add_argument("--out", help="results folder (default: results/<config name>)")
+    p.add_argument("--smoke", nargs="?", const="full", choices=["full", "quick"],
+                   help="dress rehearsal at toy size on a generated ImageNet-layout folder (default size: full)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         cfg = load_comparison_config(a.config)
+        subs = []
+        if a.smoke:
+            from ns_plugin.evaluation.smoke import smoke_config, smoke_data
+            cfg, subs = smoke_config(cfg, smoke_data(a.smoke), a.smoke)
+            cfg = load_comparison_config(None, **cfg)
         out = a.out or str(Path("results") / cfg["name"])
-        res = run_comparison(cfg, out, progress=not a.quiet)
+        res = run_comparison(cfg, out, progress=not a.quiet and main_rank, log=print if main_rank else (lambda *_: None))
     except NSPluginError as e:
         print(f"compare.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: partial results are marked partial; rerun the same command to resume", file=sys.stderr)
+        if main_rank:
+            print("interrupted: partial results are marked partial; rerun the same command to resume", file=sys.stderr)
         return 130
-    print(res["tables"])
-    print(json.dumps({"config": a.config, "out": out, "seconds": res["seconds_this_call"], "rows": res["rows"]}))
+    if main_rank:
+        print(res["tables"])
+        if subs:
+            print("smoke stand-ins: " + "; ".join(subs))
+        print(json.dumps({"config": a.config, "smoke": a.smoke, "out": out, "seconds": res["seconds_this_call"],
+                          "world_size": res.get("world_size", 1), "rows": res["rows"]}))
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -77,51 +77,147 @@ class _CheckedLoader:
                                 f"remove or replace the file") from None
 
 
-def image_folder(root: os.PathLike | str, image_size: Optional[int] = None, *, resize: bool = True,
-                 transform=None):
-    """An ImageNet-style folder ``root/<class>/<image>`` as a torchvision ``ImageFolder`` of tensors in [0, 1].
+def scan_folder(root: os.PathLike | str) -> Tuple[List[str], List[Tuple[str, int]]]:
+    """One walk of an ImageNet-style folder ``root/<class>/<image>``: ``(classes, [(path, label), ...])``.
 
-    With ``image_size`` the images are resized (shorter side) and centre-cropped to it when ``resize`` is
-    true; with ``resize=False`` an image of another size is an error. Missing/empty folders and non-image
-    files are reported in one line before any work starts.
-    """
-    from torchvision import datasets, transforms
-
+    Missing/empty folders and non-image files are reported in one line (:class:`NSPluginError`) from the same
+    walk that lists the images, so a folder is read once however it is used afterwards."""
     root = Path(root)
     if not root.exists():
         raise NSPluginError(f"data folder {root} does not exist; pass an ImageNet-style folder root/<class>/<image>")
     if not root.is_dir():
         raise NSPluginError(f"data folder {root} is a file, not a folder; pass root/<class>/<image>")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
         raise NSPluginError(f"data folder {root} has no class sub-folders; lay it out as root/<class>/<image>")
-    bad, n_images = [], 0
-    for d in class_dirs:
-        for f in d.rglob("*"):
-            if f.is_file() and not f.name.startswith("."):
-                if f.suffix.lower() in IMAGE_EXTENSIONS:
-                    n_images += 1
+    samples: List[Tuple[str, int]] = []
+    bad: List[str] = []
+    for label, name in enumerate(classes):
+        for dirpath, dirnames, files in os.walk(root / name, followlinks=True):
+            dirnames.sort()
+            for f in sorted(files):
+                if f.startswith("."):
+                    continue
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, f), label))
                 else:
-                    bad.append(f)
+                    bad.append(os.path.join(dirpath, f))
     if bad:
         raise NSPluginError(f"data folder {root} holds {len(bad)} non-image file(s), e.g. {bad[0]}; "
                             f"remove them (accepted: {', '.join(IMAGE_EXTENSIONS)})")
-    if n_images == 0:
+    if not samples:
         raise NSPluginError(f"data folder {root} has class folders but no images; put images in root/<class>/")
+    return classes, samples
+
+
+def _scanned_image_folder(root, classes, samples, transform):
+    """A torchvision ``ImageFolder`` built from a :func:`scan_folder` result (no second walk of the tree)."""
+    from torchvision import datasets
+
+    class _Scanned(datasets.ImageFolder):
+        def find_classes(self, directory):
+            return list(classes), {c: i for i, c in enumerate(classes)}
+
+        def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+            return list(samples)
+
+    return _Scanned(str(root), transform=transform, loader=_CheckedLoader(), allow_empty=True)
+
+
+#: EasyRobust ``benchmarks/benchmark.py`` defaults: ``--crop-pct 0.875``, ``--interpolation 3`` (bicubic).
+EVAL_CROP_PCT = 0.875
+
+
+def eval_transform(input_size: int, crop_pct: float = EVAL_CROP_PCT):
+    """EasyRobust ``benchmarks/benchmark.py``'s test transform: resize the shorter side to
+    ``int(input_size / crop_pct)`` (bicubic), centre-crop ``input_size``, ``ToTensor`` (images in [0, 1];
+    normalisation lives in the model). ``crop_pct=1`` resizes straight to ``input_size``."""
+    from torchvision import transforms
+
+    if not (isinstance(input_size, int) and input_size > 0):
+        raise NSPluginError(f"input_size must be a positive integer, got {input_size!r}")
+    if not (isinstance(crop_pct, (int, float)) and 0 < crop_pct <= 1):
+        raise NSPluginError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+    bicubic = transforms.InterpolationMode.BICUBIC
+    return transforms.Compose([transforms.Resize(int(input_size / crop_pct), interpolation=bicubic),
+                               transforms.CenterCrop(input_size), transforms.ToTensor()])
+
+
+def train_transform(input_size: int, augment: bool = True, crop_pct: float = EVAL_CROP_PCT):
+    """The usual ImageNet training augmentation (timm / EasyRobust): ``RandomResizedCrop(input_size,
+    scale=(0.08, 1), bicubic)`` + horizontal flip, images in [0, 1]. ``augment=False``: :func:`eval_transform`."""
+    from torchvision import transforms
+
+    if not augment:
+        return eval_transform(input_size, crop_pct)
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+
+
+def image_folder(root: os.PathLike | str, image_size: Optional[int] = None, *, resize: bool = True,
+                 transform=None, crop_pct: float = 1.0):
+    """An ImageNet-style folder ``root/<class>/<image>`` as a torchvision ``ImageFolder`` of tensors in [0, 1].
+
+    The tree is walked once (:func:`scan_folder`). With ``image_size`` the images go through
+    :func:`eval_transform` (``crop_pct`` 1: shorter side to ``image_size``, centre crop; EasyRobust's
+    benchmark uses 0.875) when ``resize`` is true; with ``resize=False`` an image of another size is an
+    error. Images of different sizes need ``image_size`` (or a ``transform``) before they can be batched.
+    """
+    from torchvision import transforms
+
+    classes, samples = scan_folder(root)
     if transform is None:
-        steps = []
         if image_size is not None and resize:
-            steps += [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
-        steps.append(transforms.ToTensor())
-        transform = transforms.Compose(steps)
-    ds = datasets.ImageFolder(str(root), transform=transform, loader=_CheckedLoader(),
-                              allow_empty=True)
+            transform = eval_transform(image_size, crop_pct)
+        else:
+            transform = transforms.ToTensor()
+    ds = _scanned_image_folder(root, classes, samples, transform)
     if image_size is not None and not resize:
         x, _ = ds[0]
         if tuple(x.shape[-2:]) != (image_size, image_size):
             raise NSPluginError(f"images in {root} are {x.shape[-1]}x{x.shape[-2]} but the model expects "
                                 f"{image_size}x{image_size}; resize them or allow resizing")
     return ds
+
+
+def subset_indices(n: int, k: Optional[int], seed: Optional[int] = 0) -> List[int]:
+    """A fixed index list of ``min(k, n)`` items out of ``n`` (sorted), as robustbench fixes its 5,000
+    ImageNet images by a list of ids: the first ``k`` of a permutation seeded by ``seed``, or the first
+    ``k`` items when ``seed`` is ``None``. ``k=None``: all ``n``. Only indices; images are read lazily."""
+    k = n if k is None else min(int(k), n)
+    if seed is None:
+        return list(range(k))
+    g = torch.Generator().manual_seed(int(seed))
+    return sorted(torch.randperm(n, generator=g)[:k].tolist())
+
+
+def make_loader(ds: Dataset, batch_size: int, *, workers: int = 0, device=None, shuffle: bool = False,
+                generator=None, sampler=None, batch_sampler=None, drop_last: bool = False, persistent: bool = False):
+    """A ``DataLoader`` with the usual throughput settings: ``workers`` decoding processes, pinned memory
+    when the batches go to a CUDA device (so ``.to(device, non_blocking=True)`` overlaps the copy), a
+    prefetch of 2 batches per worker."""
+    from torch.utils.data import DataLoader
+
+    pin = torch.device(device).type == "cuda" if device is not None else False
+    kw: Dict[str, Any] = dict(num_workers=int(workers), pin_memory=pin)
+    if workers:
+        kw.update(persistent_workers=persistent, prefetch_factor=2)
+    if batch_sampler is not None:
+        return DataLoader(ds, batch_sampler=batch_sampler, **kw)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, sampler=sampler,
+                      drop_last=drop_last, **kw)
+
+
+def default_workers() -> int:
+    """Decoding processes for folder loaders: ``NS_PLUGIN_WORKERS`` if set, else min(8, CPUs - 1)."""
+    env = os.environ.get("NS_PLUGIN_WORKERS")
+    if env is not None:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            raise NSPluginError(f"NS_PLUGIN_WORKERS must be an integer, got {env!r}") from None
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
 def save_image_folder(root: os.PathLike | str, x: torch.Tensor, y: torch.Tensor,

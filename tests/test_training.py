@@ -90,6 +90,7 @@ def test_ns_noise_is_the_searched_noise_and_enters_the_loss(model, digits):
     x, y = _small_set(digits).tensors
     x, y = x[:8], y[:8]
     loss, parts = t.method.loss(t, x, y)
+    parts = {k: float(v) for k, v in parts.items()}   # device tensors: the loop syncs them once per round
     with torch.no_grad(), inject_noise(t.model, noise):
         want = F.cross_entropy(t.model(x), y)
     assert parts["ce_noise"] == pytest.approx(float(want), rel=1e-5)

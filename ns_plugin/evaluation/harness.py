@@ -56,7 +56,8 @@ DEMO_CONFIG: Dict[str, Any] = {
     "eval": {"n_attack": 120, "fgsm_eps": 1 / 255, "pgd": {"eps": 2 / 255, "alpha": 0.5 / 255, "steps": 10},
              "cw": {"c": 1.0, "steps": 30, "lr": 0.01}, "patchfool": {"patches": 1, "steps": 30},
              "autoattack": None, "damagenet": None, "engine": "fast", "severities": [1, 2, 3, 4, 5],
-             "corruptions": "all"},
+             "corruptions": "all", "crop_pct": None, "attack_seed": None, "batch_size": 500,
+             "attack_batch_size": 200, "workers": None, "use_ema": True, "wait_timeout": 21600},
     "tables": {
         "table2": ["ViT", "ViT + NS", "DAT", "DAT + NS"],
         "table3": ["ViT", "Madry", "TRADES", "ViT + NS"],
@@ -118,6 +119,19 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     unknown(cfg["tables"], _TABLE_KEYS, "tables")
     train_keys = {f.name for f in __import__("dataclasses").fields(tc.TrainConfig)} - {"method", "model", "data"}
     unknown(cfg["training"], train_keys, "training")
+    ev = cfg["eval"]
+    if ev["engine"] not in ("fast", "easyrobust"):
+        raise NSPluginError(f"eval.engine must be 'fast' or 'easyrobust', got {ev['engine']!r}")
+    if ev["crop_pct"] is not None and not (isinstance(ev["crop_pct"], (int, float)) and 0 < ev["crop_pct"] <= 1):
+        raise NSPluginError(f"eval.crop_pct must be in (0, 1] or null, got {ev['crop_pct']!r}")
+    for k in ("batch_size", "attack_batch_size", "wait_timeout"):
+        if isinstance(ev[k], bool) or not isinstance(ev[k], int) or ev[k] < 1:
+            raise NSPluginError(f"eval.{k} must be a positive integer, got {ev[k]!r}")
+    for k in ("workers", "attack_seed"):
+        if ev[k] is not None and (isinstance(ev[k], bool) or not isinstance(ev[k], int) or ev[k] < 0):
+            raise NSPluginError(f"eval.{k} must be a non-negative integer or null, got {ev[k]!r}")
+    if not isinstance(ev["use_ema"], bool):
+        raise NSPluginError(f"eval.use_ema must be true or false, got {ev['use_ema']!r}")
     runs = cfg["runs"]
     if not isinstance(runs, list) or not runs:
         raise NSPluginError("runs must be a non-empty list; the first run is the baseline")
@@ -172,6 +186,9 @@ class Comparison:
         self.log = log
         self.hash = config_hash(self.cfg)
         self.baseline_name = self.cfg["runs"][0]["name"]
+        self.ranks = _Ranks(1, 0, None)
+        self.device = None
+        self._datasets: Dict[str, Any] = {}
 
     # -- results folder ownership ---------------------------------------------------------------------------
     def claim(self) -> str:
@@ -187,8 +204,8 @@ class Comparison:
             status = prev.get("status", "partial")
         else:
             status = "new"
+        self._state("running", reason=None)   # run.json first: a folder with config.json alone is never left
         _write_json(self.out / "config.json", self.cfg)
-        self._state("running")
         return status
 
     def _state(self, status: str, **extra) -> None:
@@ -199,29 +216,81 @@ class Comparison:
         _write_json(path, prev)
 
     # -- data -----------------------------------------------------------------------------------------------
-    def data(self):
-        from ..data import image_folder, load_digits, tensors
+    def data(self) -> Path:
+        """The root of the EasyRobust-layout folders. Digits: written once (rank 0) into the cache. Nothing is
+        loaded here: every column is read lazily through DataLoaders, so memory does not grow with the folders."""
         from .corruptions import write_benchmark_folders
         cfg = self.cfg
         sev = list(cfg["eval"]["severities"])
         if cfg["data"] == "digits":
-            s = load_digits(seed=0)
-            test, fresh = s.test.tensors, s.val.tensors
+            from ..data import load_digits
             cors = self._corruptions()
             key = "all" if cors == list(IMAGENET_C) else "-".join(cors)
             root = _bench_cache() / f"digits_s0_sev{''.join(map(str, sev))}_{key}"
-            if not root.is_dir():
-                self.log(f"writing EasyRobust-layout benchmark folders to {root} (once; cached)")
-                write_benchmark_folders(root, test, fresh=fresh, severities=sev, corruptions=cors,
-                                        progress=self.progress)
+
+            def write():
+                if not root.is_dir():
+                    s = load_digits(seed=0)
+                    self.log(f"writing EasyRobust-layout benchmark folders to {root} (once; cached)")
+                    write_benchmark_folders(root, s.test.tensors, fresh=s.val.tensors, severities=sev,
+                                            corruptions=cors, progress=self.progress)
+            self.ranks.main_value(write)
+            return root
+        root = Path(cfg["data"])
+        if not (root / "imagenet-val").is_dir():
+            raise NSPluginError(f"data folder {root} has no imagenet-val/; lay it out as EasyRobust's benchmarks/data "
+                                f"(imagenet-val, imagenet-c, imagenet-a, imagenet-r, imagenet-sketch, imagenetv2, "
+                                f"imagenet-style) and training images in train/")
+        return root
+
+    def transform(self, model):
+        """The test transform: EasyRobust ``benchmarks/benchmark.py``'s (resize to input / crop_pct, centre crop,
+        bicubic; crop_pct 0.875 unless ``eval.crop_pct`` says otherwise). Digits' folders are already 32x32."""
+        from torchvision import transforms
+        from ..data import EVAL_CROP_PCT, eval_transform
+        from ..models import input_size
+        if self.cfg["data"] == "digits":
+            return transforms.ToTensor()
+        size = (input_size(model) or (3, 224, 224))[1]
+        return eval_transform(int(size), self.cfg["eval"]["crop_pct"] or EVAL_CROP_PCT)
+
+    def dataset(self, path: Path, transform):
+        """The folder at ``path`` as a dataset, scanned once per run (reused by every model)."""
+        from ..data import image_folder
+        key = str(path)
+        if key not in self._datasets:
+            self._datasets[key] = image_folder(path, transform=transform)
+        return self._datasets[key]
+
+    def attack_set(self, root: Path, transform):
+        """The attacked subset: ``eval.n_attack`` images of the clean test set, by a fixed index list (seeded by
+        ``eval.attack_seed``, the first ones when null, as robustbench fixes its 5,000 ImageNet images), read
+        lazily. Digits: the in-memory test split (already a seeded stratified sample)."""
+        from torch.utils.data import Subset, TensorDataset
+        from ..data import subset_indices
+        ev = self.cfg["eval"]
+        if self.cfg["data"] == "digits":
+            from ..data import load_digits
+            ds = TensorDataset(*load_digits(seed=0).test.tensors)
         else:
-            root = Path(cfg["data"])
-            if not (root / "imagenet-val").is_dir():
-                raise NSPluginError(f"data folder {root} has no imagenet-val/; lay it out as EasyRobust's benchmarks/data "
-                                    f"(imagenet-val, imagenet-c, imagenet-a, imagenet-r, imagenet-sketch, imagenetv2, "
-                                    f"imagenet-style) and training images in train/")
-            test = tensors(image_folder(root / "imagenet-val"))
-        return root, test
+            ds = self.dataset(root / "imagenet-val", transform)
+        return Subset(ds, subset_indices(len(ds), ev["n_attack"], ev["attack_seed"]))
+
+    def folder(self, model, path: Path, transform, evaluator: str = "evaluate_imagenet_val") -> Optional[float]:
+        """Top-1 on one folder with ``eval.engine``: ``fast`` shards it over the ranks (counts summed);
+        ``easyrobust`` runs EasyRobust's evaluator on rank 0 while the others wait (at most ``eval.wait_timeout``)."""
+        from ..data import default_workers
+        from .suite import folder_accuracy
+        ev = self.cfg["eval"]
+        if not Path(path).is_dir():
+            return None
+        if ev["engine"] == "easyrobust":
+            return self.ranks.main_value(lambda: folder_accuracy(
+                model, path, engine="easyrobust", evaluator=evaluator, batch_size=ev["batch_size"],
+                transform=transform))
+        workers = ev["workers"] if ev["workers"] is not None else (0 if self.cfg["data"] == "digits" else default_workers())
+        return folder_accuracy(model, path, engine="fast", evaluator=evaluator, batch_size=ev["batch_size"],
+                               transform=transform, workers=workers, dataset=self.dataset(path, transform))
 
     def _corruptions(self) -> List[str]:
         c = self.cfg["eval"]["corruptions"]
@@ -234,19 +303,23 @@ class Comparison:
 
     # -- fine-tuning ----------------------------------------------------------------------------------------
     def finetune(self, run: Dict[str, Any]) -> Path:
+        """Fine-tune one row (every rank takes part under ``torchrun``); rank 0 writes its checkpoint. Returns
+        the checkpoint path once the file is complete on disk (no rank reads it before)."""
         from ..checkpoint import save_checkpoint
         from ..training import load_config, train
         ck = self.out / "checkpoints" / f"{_slug(run['name'])}.pth"
-        if ck.is_file():
+        if self.ranks.main_value(ck.is_file):
             return ck
         t0 = time.time()
         if run.get("method") is None:
-            from ..training.loop import build_model
-            cfgt = load_config(None, method="standard", model=self.cfg["model"], data=self.cfg["data"],
-                               seed=self.cfg["seed"], progress=self.progress)
-            model = build_model(cfgt, progress=self.progress)
-            save_checkpoint(ck, model, meta={"arch": _arch(self.cfg), "run": run["name"], "method": None})
-            self._timing(run["name"], finetune_seconds=0.0)
+            def baseline():
+                from ..training.loop import build_model
+                cfgt = load_config(None, method="standard", model=self.cfg["model"], data=self.cfg["data"],
+                                   seed=self.cfg["seed"], progress=self.progress)
+                model = build_model(cfgt, progress=self.progress)
+                save_checkpoint(ck, model, meta={"arch": _arch(self.cfg), "run": run["name"], "method": None})
+                self._timing(run["name"], finetune_seconds=0.0)
+            self.ranks.main_value(baseline)
             return ck
         overrides = dict(self.cfg["training"])
         overrides.update({k: v for k, v in run.items() if k != "name"})
@@ -254,12 +327,15 @@ class Comparison:
                          progress=self.progress)
         cfgt = load_config(None, **overrides)
         work = self.out / "runs" / _slug(run["name"])
-        resume = (work / "last.pth").is_file()
+        resume = self.ranks.main_value((work / "last.pth").is_file)
         summary = train(cfgt, work, resume=resume)
-        model, ema = summary["model"], summary.get("ema")
-        save_checkpoint(ck, model, ema=ema, meta={"arch": _arch(self.cfg), "run": run["name"],
-                                                  "method": run["method"], "train_config": cfgt.to_dict()})
-        self._timing(run["name"], finetune_seconds=round(time.time() - t0, 2))
+
+        def save():
+            model, ema = summary["model"], summary.get("ema")
+            save_checkpoint(ck, model, ema=ema, meta={"arch": _arch(self.cfg), "run": run["name"],
+                                                      "method": run["method"], "train_config": cfgt.to_dict()})
+            self._timing(run["name"], finetune_seconds=round(time.time() - t0, 2))
+        self.ranks.main_value(save)
         return ck
 
     def _timing(self, name: str, **kw) -> None:
@@ -269,47 +345,71 @@ class Comparison:
         _write_json(path, t)
 
     # -- evaluation -----------------------------------------------------------------------------------------
-    def evaluate(self, run: Dict[str, Any], ck: Path, root: Path, test) -> Dict[str, Any]:
-        from .suite import SHIFT_FOLDERS, attack_accuracy, corruption_accuracies, folder_accuracy
+    def evaluate(self, run: Dict[str, Any], ck: Path, root: Path) -> Dict[str, Any]:
+        """Every column for one row, on the run's device, with the EMA weights when the row trained with EMA
+        (``weights`` in the record says which). Under ``torchrun`` the attacked subset (and, with the fast
+        engine, every folder) is sharded over the ranks and the counts summed; rank 0 writes the record."""
+        from ..data import default_workers, make_loader
+        from .suite import (SHIFT_FOLDERS, _sum_over_ranks, attack_accuracy, loader_counts, model_device,
+                            shard)
         path = self.out / "evals" / f"{_slug(run['name'])}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
+        done = self.ranks.main_value(lambda: json.loads(path.read_text()) if path.is_file() else None)
+        if done is not None:
+            return done
         ev = self.cfg["eval"]
-        model = _load(ck)
-        res: Dict[str, Any] = {"name": run["name"], "notes": {}}
+        model, weights = _load(ck, self.device, use_ema=ev["use_ema"])
+        import torch
+        torch.manual_seed(self.cfg["seed"])   # attacks with random starts: the same numbers on a re-run
+        tf = self.transform(model)
+        dev = model_device(model)
+        res: Dict[str, Any] = {"name": run["name"], "notes": {}, "weights": weights, "device": str(dev),
+                               "world_size": self.ranks.world, "engine": ev["engine"],
+                               "precision": "fp32 (attacks fp32, no autocast; inference_mode for accuracies)"}
         t0 = time.time()
-        res["Clean"] = folder_accuracy(model, root / "imagenet-val", engine="easyrobust")
-        res["clean_images_per_s"] = round(len(test[1]) / max(time.time() - t0, 1e-9), 1)
-        x, y = test[0][:ev["n_attack"]], test[1][:ev["n_attack"]]
-        from .suite import top1
-        res["clean_attack_subset"] = top1(model, x, y)  # attacks run on these images only
+        res["Clean"] = self.folder(model, root / "imagenet-val", tf)
+        n_val = len(self.dataset(root / "imagenet-val", tf))
+        res["clean_images_per_s"] = round(n_val / max(time.time() - t0, 1e-9), 1)
+        sub = shard(self.attack_set(root, tf), self.ranks.rank, self.ranks.world)
+        workers = ev["workers"] if ev["workers"] is not None else (0 if self.cfg["data"] == "digits" else default_workers())
+        loader = lambda: make_loader(sub, ev["attack_batch_size"], workers=workers, device=dev)  # noqa: E731
+        c, n = loader_counts(model, loader())
+        c, n = _sum_over_ranks(c, n, device=dev)
+        res["clean_attack_subset"] = 100.0 * c / max(1, n)  # attacks run on these images only
+        res["n_attack"] = int(n)
         for col, atk in self._attacks(model).items():
             if isinstance(atk, str):
                 res[col], res["notes"][col] = None, atk
                 continue
-            acc, ips = attack_accuracy(model, atk, x, y)
+            acc, ips = attack_accuracy(model, atk, loader(), sharded=True)
             res[col], res[f"{col}_images_per_s"] = acc, round(ips, 1)
         dn = ev.get("damagenet")
         if dn and Path(dn).is_dir():
-            res["DamageNet"] = folder_accuracy(model, dn, engine="fast")
+            res["DamageNet"] = self.folder(model, Path(dn), tf)
         else:
             res["DamageNet"], res["notes"]["DamageNet"] = None, "skipped: no DamageNet folder configured"
-        res["corruptions"] = corruption_accuracies(model, root / "imagenet-c", engine=ev["engine"],
-                                                   corruptions=self._corruptions())
+        res["corruptions"] = {}
+        for c_name in self._corruptions():
+            for s_ in ev["severities"]:
+                acc = self.folder(model, root / "imagenet-c" / c_name / str(s_), tf)
+                if acc is not None:
+                    res["corruptions"].setdefault(c_name, {})[s_] = acc
         n_cls = int(next(v for k, v in model.state_dict().items() if k.endswith("head.weight")).shape[0])
         for folder, (evaluator, col) in SHIFT_FOLDERS.items():
             if n_cls != 1000 and evaluator in ("evaluate_imagenet_a", "evaluate_imagenet_r"):
                 evaluator = "evaluate_imagenet_val"  # their 200-class masks assume 1000 ImageNet logits
-            acc = folder_accuracy(model, root / folder, engine="easyrobust", evaluator=evaluator)
+            acc = self.folder(model, root / folder, tf, evaluator)
             res[col] = acc
             if acc is None:
                 res["notes"][col] = f"skipped: no {folder}/ folder"
         res["eval_seconds"] = round(time.time() - t0, 2)
-        _write_json(path, res)
-        return json.loads(path.read_text())  # the same (JSON-typed) record whether fresh or resumed
+        res = json.loads(json.dumps(res, default=float))   # the same JSON-typed record fresh or resumed
+        if self.ranks.main:
+            _write_json(path, res)
+        return res
 
     def _attacks(self, model) -> Dict[str, Any]:
         import torchattacks
+        from .suite import model_device
         ev = self.cfg["eval"]
         out: Dict[str, Any] = {"FGSM": torchattacks.FGSM(model, eps=ev["fgsm_eps"]),
                                "PGD": torchattacks.PGD(model, **ev["pgd"]),
@@ -323,10 +423,11 @@ class Comparison:
             from .. import compat
             compat.ensure_autoattack()
             from autoattack import AutoAttack
+            dev = str(model_device(model))
 
             class _AA:  # the torchattacks call convention over robustbench's AutoAttack
                 def __init__(self, m, eps, version):
-                    self.aa = AutoAttack(m, norm="Linf", eps=eps, version=version, device="cpu", verbose=False)
+                    self.aa = AutoAttack(m, norm="Linf", eps=eps, version=version, device=dev, verbose=False)
 
                 def __call__(self, xb, yb):
                     return self.aa.run_standard_evaluation(xb, yb, bs=len(xb))
@@ -348,7 +449,9 @@ class Comparison:
         md = io.StringIO()
         flag = " (PARTIAL: the run was interrupted; resume to complete)" if partial else ""
         md.write(f"# {self.cfg['name']}: robustness comparison{flag}\n\n")
-        md.write(f"Attacks run on the first {self.cfg['eval']['n_attack']} test images (FGSM ε={self.cfg['eval']['fgsm_eps'] * 255:.3g}/255, "
+        seed = self.cfg["eval"]["attack_seed"]
+        which = "the first" if seed is None else f"a fixed index list (seed {seed}) of"
+        md.write(f"Attacks run on {which} {self.cfg['eval']['n_attack']} test images, in fp32 (FGSM ε={self.cfg['eval']['fgsm_eps'] * 255:.3g}/255, "
                  f"PGD ε={self.cfg['eval']['pgd']['eps'] * 255:.3g}/255 x{self.cfg['eval']['pgd']['steps']}, CW L2 c={self.cfg['eval']['cw']['c']}, "
                  f"PatchFool {self.cfg['eval']['patchfool'].get('patches', 1)} patch); Clean is the whole test set. ")
         md.write(f"C is the mCE against the baseline run ({self.baseline_name!r} = 100), lower is better; the "
@@ -384,6 +487,11 @@ class Comparison:
                         out_rows.append([eps, label] + ["" if v is None else round(v, 2) for v in vals])
             md.write("\n")
             _write_csv(self.out / "table4.csv", ["eps", "Fine-tuning"] + TABLE4_COLS, out_rows)
+        md.write("Evaluated weights: " + ", ".join(f"{n}: {e.get('weights', 'model')}" for n, e in evals.items())
+                 + f" (EMA for the rows trained with model_ema). Device: "
+                 + ", ".join(sorted({str(e.get('device', 'cpu')) for e in evals.values()}))
+                 + f"; {max(int(e.get('world_size', 1)) for e in evals.values()) if evals else 1} rank(s); "
+                 + f"folder engine: {self.cfg['eval']['engine']}.\n\n")
         notes = sorted({f"{c}: {v}" for e in evals.values() for c, v in e.get("notes", {}).items()})
         if notes:
             md.write("Notes:\n" + "".join(f"- {n}\n" for n in notes) + "\n")
@@ -462,39 +570,112 @@ class Comparison:
 
     # -- orchestration --------------------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
+        """Fine-tune and evaluate every row, then write the outputs. Under ``torchrun`` every rank calls this:
+        rank 0 owns the folder (claim, checkpoints, records, tables); the others train with it (DDP), evaluate
+        their shards and get rank 0's answers; they never read a file rank 0 is writing."""
         from tqdm.auto import tqdm
-        status = self.claim()
-        if status == "complete":
+        from ..training.loop import init_distributed
+        import torch.distributed as dist
+        owns_pg = not (dist.is_available() and dist.is_initialized())
+        rank, world, self.device = init_distributed()
+        self.ranks = _Ranks(world, rank, self.cfg["eval"]["wait_timeout"])
+        try:
+            return self._run(tqdm)
+        finally:
+            if owns_pg and world > 1 and dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _run(self, tqdm) -> Dict[str, Any]:
+        main = self.ranks.main
+        status = self.ranks.main_value(self.claim)
+        if main and status == "complete":
             self.log(f"{self.out} already holds this run (complete); reporting it")
-        elif status != "new":
+        elif main and status != "new":
             self.log(f"resuming the {status} run in {self.out}")
         t0 = time.time()
         evals: Dict[str, Dict[str, Any]] = {}
         with _Interruptible() as stop:
             try:
-                root, test = self.data()
-                for run in tqdm(self.cfg["runs"], desc="fine-tune + evaluate", disable=not self.progress):
+                root = self.data()
+                for run in tqdm(self.cfg["runs"], desc="fine-tune + evaluate", disable=not (self.progress and main)):
                     stop.check()
                     ck = self.finetune(run)
                     stop.check()
-                    evals[run["name"]] = self.evaluate(run, ck, root, test)
+                    evals[run["name"]] = self.evaluate(run, ck, root)
                 stop.check()
             except KeyboardInterrupt:
-                self._state("partial")
-                if evals:
-                    self.tables(evals, partial=True)
+                if main:
+                    self._state("partial", reason=f"interrupted ({stop.signal_name or 'KeyboardInterrupt'}); "
+                                                  f"rerun the same command to resume")
+                    if evals:
+                        self.tables(evals, partial=True)
                 raise
+            except BaseException as e:
+                if main:
+                    why = str(e).splitlines()[0] if str(e) else ""
+                    self._state("failed", reason=f"{type(e).__name__}: {why}"[:500])
+                    if evals:
+                        self.tables(evals, partial=True)
+                raise
+        return self.ranks.main_value(lambda: self._finish(evals, t0))
+
+    def _finish(self, evals: Dict[str, Dict[str, Any]], t0: float) -> Dict[str, Any]:
         text = self.tables(evals, partial=False)
         rows = json.loads((self.out / "rows.json").read_text())
         self.leaderboard(evals, rows)
         self.plots()
         registered = self.register_models()
         summary = {"config_hash": self.hash, "seconds_this_call": round(time.time() - t0, 1),
+                   "world_size": self.ranks.world,
                    "rows": {n: {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}
                             for n, r in rows.items()}, "timm_models": registered}
         _write_json(self.out / "summary.json", summary)
-        self._state("complete")
+        self._state("complete", reason=None)
         return {"tables": text, **summary}
+
+
+class _Ranks:
+    """Who does what under ``torchrun``: rank 0 runs the steps that touch the results folder and every rank
+    gets its answer (:meth:`main_value`); the others wait at most ``timeout`` seconds (``eval.wait_timeout``),
+    on a gloo group of their own so the wait is bounded whatever the training backend. One process: plain
+    calls."""
+
+    def __init__(self, world: int, rank: int, timeout: Optional[int]):
+        self.world, self.rank, self.timeout = world, rank, timeout
+        self.main = rank == 0
+        self.group = None
+        if world > 1:
+            from datetime import timedelta
+            import torch.distributed as dist
+            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+
+    def main_value(self, fn):
+        """``fn()`` on rank 0, its result on every rank. An error on rank 0 is raised there and, as one line,
+        on every other rank."""
+        if self.world == 1:
+            return fn()
+        import torch.distributed as dist
+        box: List[Any] = [None]
+        err: Optional[BaseException] = None
+        if self.main:
+            try:
+                box[0] = ("ok", fn())
+            except BaseException as e:  # noqa: BLE001 (re-raised below after the others are told)
+                err = e
+                box[0] = ("error", str(e) if isinstance(e, NSPluginError) else f"{type(e).__name__}: {e}")
+        try:
+            dist.broadcast_object_list(box, src=0, group=self.group)
+        except RuntimeError as e:
+            if err is not None:
+                raise err
+            raise NSPluginError(f"rank {self.rank} waited for rank 0 longer than eval.wait_timeout ({self.timeout} s) "
+                                f"or rank 0 died ({str(e).splitlines()[0][:100]}); raise eval.wait_timeout or use "
+                                f"eval.engine: fast (sharded)") from None
+        if err is not None:
+            raise err
+        if box[0][0] == "error":
+            raise NSPluginError(f"rank 0 failed: {box[0][1]}")
+        return box[0][1]
 
 
 class _Interruptible:
@@ -505,10 +686,13 @@ class _Interruptible:
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.signal_name: Optional[str] = None
+        self._old: Dict[int, Any] = {}
 
     def _handler(self, signum, frame):
+        import signal
         self.requested = True
+        self.signal_name = signal.Signals(signum).name
         raise KeyboardInterrupt
 
     def check(self) -> None:
@@ -519,13 +703,14 @@ class _Interruptible:
         import signal
         import threading
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
+            for sig in (signal.SIGINT, signal.SIGTERM):   # torchrun stops its workers with SIGTERM
+                self._old[sig] = signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc):
         import signal
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
         return False
 
 
@@ -538,7 +723,9 @@ def _arch(cfg: Dict[str, Any]) -> str:
     return "ns_vit_digits" if cfg["model"] == "default" else cfg["model"]
 
 
-def _load(ck: Path):
+def _load(ck: Path, device=None, *, use_ema: bool = True):
+    """``(model on device in eval mode, "ema" | "model")``: the EMA weights when the checkpoint has them (the
+    row trained with ``model_ema``) and ``use_ema``, else the model's."""
     from ..checkpoint import load_into, read_checkpoint
     from ..models import build_default_model
     ckpt = read_checkpoint(ck)
@@ -550,7 +737,13 @@ def _load(ck: Path):
         from ..models import wrap
         k = ckpt["state_dict"]["1.head.weight"].shape[0]
         model = wrap(timm.create_model(arch, pretrained=False, num_classes=k), [0.0] * 3, [1.0] * 3)
-    return load_into(model, ckpt["state_dict"], source=str(ck)).eval()
+    weights = "model"
+    if use_ema and isinstance(ckpt.get("state_dict_ema"), dict):
+        load_into(model, ckpt["state_dict_ema"], source=f"{ck} (EMA)")
+        weights = "ema"
+    else:
+        load_into(model, ckpt["state_dict"], source=str(ck))
+    return (model.to(device) if device is not None else model).eval(), weights
 
 
 def _pct(v: Optional[float]) -> str:

@@ -35,6 +35,9 @@ class TrainConfig:
     model_ema: bool = False            #: keep an EMA copy of the weights (used for DAT+NS in 001 App. C)
     model_ema_decay: float = 0.9998
     amp: bool = False                  #: mixed precision on CUDA (the noise search stays fp32)
+    amp_dtype: str = "float16"         #: "float16" (with a GradScaler) or "bfloat16" (no scaler; also used for
+                                       #: the training attacks of madry/trades/dat, which stay fp32 under fp16)
+    tf32: bool = True                  #: TF32 matmuls/convolutions + cudnn.benchmark on CUDA (search: full fp32)
     seed: int = 0
     world_size: Optional[int] = None   #: expected DDP world size (None = whatever torchrun gives)
     # --- nullspace noise search (001 Eq. 6-8, Alg. 1 lines 3-14)
@@ -70,6 +73,8 @@ class TrainConfig:
     data: str = "digits"               #: "digits" (embedded) or an ImageFolder root with class subfolders
     image_size: Optional[int] = None   #: resize folder images (default: the model's input size)
     train_limit: Optional[int] = None  #: use only the first N training images (quick runs)
+    augment: bool = False              #: folder data: RandomResizedCrop + flip (timm / EasyRobust's usual)
+    workers: Optional[int] = None      #: folder data: DataLoader workers (None: $NS_PLUGIN_WORKERS or min(8, CPUs-1))
     # --- logging
     probe: bool = False                #: per-round held-out probe (clean and FGSM-1/255 accuracy)
     probe_size: int = 256
@@ -121,6 +126,11 @@ class TrainConfig:
             raise NSPluginError(f"sched must be 'cosine' or 'constant', got {self.sched!r}")
         if self.search not in ("fast", "faithful"):
             raise NSPluginError(f"search must be 'fast' or 'faithful', got {self.search!r}")
+        if self.amp_dtype not in ("float16", "bfloat16"):
+            raise NSPluginError(f"amp_dtype must be 'float16' or 'bfloat16', got {self.amp_dtype!r}")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 0):
+            raise NSPluginError(f"workers must be a non-negative integer or null, got {self.workers!r}")
         if self.vqgan not in VQGAN_CONFIGS:
             raise NSPluginError(f"vqgan must be one of {sorted(VQGAN_CONFIGS)}, got {self.vqgan!r}")
         return self
@@ -142,12 +152,17 @@ class TrainConfig:
 
 
 #: VQGAN settings for DAT. ``small`` is a randomly initialised model that runs on 32x32 images on a CPU
-#: (``ch`` must be a multiple of 32 because the VQGAN uses GroupNorm(32)); ``openimages_f8_16384`` is the
-#: pretrained model EasyRobust's DAT example downloads.
+#: (``ch`` must be a multiple of 32 because the VQGAN uses GroupNorm(32)); it downsamples once, so at 224 its
+#: mid-block attention would see 112x112 = 12,544 tokens. ``small_f8`` is the random stand-in at 224: the
+#: pretrained model's factor 8 (28x28 = 784 tokens in the attention), 32-64 channels (~1 M parameters).
+#: ``openimages_f8_16384`` is the pretrained model EasyRobust's DAT example downloads.
 VQGAN_CONFIGS: Dict[str, Dict[str, Any]] = {
     "small": dict(ddconfig=dict(double_z=False, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32,
                                 ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0),
                   n_embed=64, embed_dim=4, url=None),
+    "small_f8": dict(ddconfig=dict(double_z=False, z_channels=4, resolution=224, in_channels=3, out_ch=3, ch=32,
+                                   ch_mult=[1, 1, 2, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0),
+                     n_embed=64, embed_dim=4, url=None),
     "openimages_f8_16384": dict(
         ddconfig=dict(double_z=False, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
                       ch_mult=[1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[32], dropout=0.0),

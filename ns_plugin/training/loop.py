@@ -204,9 +204,12 @@ def build_data(cfg: TrainConfig, model: nn.Module):
         root = Path(cfg.data)
         if not root.is_dir():
             raise NSPluginError(f"data folder {root} does not exist; use data: digits or an ImageFolder root")
+        from ..data import train_transform
         size = cfg.image_size or ((input_size(model) or (3, None, None))[1])
         tr = root / "train" if (root / "train").is_dir() else root
-        train = image_folder(tr, size)
+        # one walk of the folder; decoding happens in the DataLoader's workers (see Trainer.train_batches)
+        train = image_folder(tr, transform=train_transform(size, augment=cfg.augment, crop_pct=1.0)
+                             if size else None)
         probe = None
         if cfg.probe and (root / "val").is_dir():
             probe = tensors(image_folder(root / "val", size), cfg.probe_size)
@@ -226,6 +229,63 @@ def _fetch(ds, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return ds.tensors[0][idx], ds.tensors[1][idx]
     items = [ds[int(i)] for i in idx]
     return torch.stack([a for a, _ in items]), torch.tensor([int(b) for _, b in items])
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """Full fp32 matmuls/convolutions inside (TF32 off on CUDA; a no-op elsewhere): the noise search's
+    stopping test compares softmax differences with ε = 0.01..0.1, which TF32's 10-bit mantissa would blur."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def set_cuda_precision(tf32: bool) -> None:
+    """TF32 matmuls/convolutions (Ampere and newer) and ``cudnn.benchmark`` (fixed input sizes) on CUDA."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+        torch.backends.cudnn.allow_tf32 = bool(tf32)
+        torch.backends.cudnn.benchmark = True
+
+
+class _SeededItems(torch.utils.data.Dataset):
+    """Items ``(index, seed)`` -> ``dataset[index]`` with torch's RNG seeded by ``seed`` (inside a fork of the
+    RNG state): random augmentations depend only on the sample's position in the batch stream, not on the
+    worker that decodes it, so a resumed run sees the same augmented images."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, item):
+        i, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.ds[i]
+
+
+class _StreamBatches:
+    """Batch sampler over a :class:`BatchStream` from its current position on (endless): batch ``b`` is the
+    stream's ``b``-th batch, each index paired with a seed for its augmentation."""
+
+    def __init__(self, stream: "BatchStream"):
+        self.args = (stream.n, stream.batch_size, stream.seed, stream.rank, stream.world)
+        self.start = stream.batches
+
+    def __iter__(self):
+        s = BatchStream(*self.args)
+        s.batches = self.start
+        while True:
+            b = s.batches
+            yield [(int(i), (s.seed * 1_000_003 + b * 4_099 + j) % (2 ** 63)) for j, i in enumerate(s.next())]
 
 
 def search_and_broadcast(raw: nn.Module, data, cfg: TrainConfig, rnd: int, *,
@@ -249,7 +309,7 @@ def search_and_broadcast(raw: nn.Module, data, cfg: TrainConfig, rnd: int, *,
         was = raw.training
         raw.eval()
         try:
-            with torch.autocast(device.type, enabled=False):
+            with torch.autocast(device.type, enabled=False), full_fp32():
                 noise, rec = search_noise(raw, data, eps=cfg.eps, lim=cfg.lim, lr=cfg.noise_lr,
                                           max_steps=cfg.noise_max_steps, init=init, mode=cfg.search,
                                           batch_size=cfg.search_batch_size, generator=g, progress=False)
@@ -337,7 +397,11 @@ class Trainer:
         self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total) if cfg.sched == "cosine"
                       else torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0))
         self.use_amp = bool(cfg.amp and self.device.type == "cuda")
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
+        # bf16 has fp32's range: no loss scaling (and no scaler's host sync) needed
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        if self.device.type == "cuda":
+            set_cuda_precision(cfg.tf32)
         self.stream = BatchStream(len(train_set), cfg.batch_size, cfg.seed, self.rank, self.world)
         self.method = method_cls(cfg)
         self.method.setup(self)
@@ -348,7 +412,33 @@ class Trainer:
 
     # --- helpers used by the methods ------------------------------------------------------------------
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.float16) if self.use_amp else contextlib.nullcontext()
+        """Mixed precision for the training forward passes (``amp`` on CUDA, ``amp_dtype``)."""
+        return torch.autocast("cuda", dtype=self.amp_dtype) if self.use_amp else contextlib.nullcontext()
+
+    def attack_autocast(self):
+        """Mixed precision for the adversarial examples made during training (Madry, TRADES, DAT): bf16 only,
+        since fp16 attack gradients would underflow without a loss scaler; fp32 otherwise."""
+        bf16 = self.use_amp and self.amp_dtype == torch.bfloat16
+        return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    def workers(self) -> int:
+        from ..data import default_workers
+        return self.cfg.workers if self.cfg.workers is not None else default_workers()
+
+    def train_batches(self):
+        """Endless ``(x, y)`` training batches in the :class:`BatchStream` order. In-memory data is indexed
+        directly; folders go through a DataLoader (``workers`` decoding processes, pinned memory on CUDA,
+        per-sample seeded augmentation). ``stream.batches`` counts the batches consumed (the resume point)."""
+        from torch.utils.data import TensorDataset
+        from ..data import make_loader
+        if isinstance(self.train_set, TensorDataset):
+            while True:
+                yield _fetch(self.train_set, self.stream.next())
+        loader = make_loader(_SeededItems(self.train_set), self.stream.local, workers=self.workers(),
+                             device=self.device, batch_sampler=_StreamBatches(self.stream))
+        for batch in loader:
+            self.stream.batches += 1
+            yield batch
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -360,18 +450,22 @@ class Trainer:
         idx = torch.randperm(len(self.train_set), generator=g)[:k]
         return _fetch(self.train_set, idx)[0].to(self.device)
 
-    def search_data(self):
-        """What the noise search draws its minibatches from: the training images (001 Alg. 1 line 5)."""
+    def search_data(self, rnd: int = 0):
+        """What the noise search draws its minibatches from: the training images (001 Alg. 1 line 5); for
+        folders a shuffled DataLoader (seeded by the round) with decoding workers."""
         from torch.utils.data import TensorDataset
+        from ..data import make_loader
         if isinstance(self.train_set, TensorDataset):
             return self.train_set.tensors[0]
-        return self.train_set
+        g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + 15_485_863 + rnd)
+        return make_loader(self.train_set, self.cfg.search_batch_size, workers=self.workers(), device=self.device,
+                           shuffle=True, generator=g, drop_last=len(self.train_set) > self.cfg.search_batch_size)
 
     def find_noise(self, rnd: int, init: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """The ε-approximate noise for round ``rnd`` (001 Eq. 8), each search step on a fresh minibatch of
         ``search_batch_size`` training images: searched on rank 0 in fp32 and eval mode with the unwrapped
         model, then broadcast to every rank."""
-        data = self.search_data() if self.is_main else None
+        data = self.search_data(rnd) if self.is_main else None
         return search_and_broadcast(self.raw, data, self.cfg, rnd, init=init, world=self.world, rank=self.rank,
                                     device=self.device)
 
@@ -396,8 +490,6 @@ class Trainer:
         """One model step with the method's loss (AMP, clipping, EMA included)."""
         cfg = self.cfg
         loss, parts = self.method.loss(self, x, y)
-        if not torch.isfinite(loss):
-            raise NSPluginError(f"the {cfg.method} loss became {float(loss)}; lower lr or enable clip_grad")
         self.zero_grad()
         self.scaler.scale(loss).backward()
         if cfg.clip_grad:
@@ -408,7 +500,7 @@ class Trainer:
         self.sched.step()
         if self.ema is not None:
             self.ema.update(self.raw)
-        return dict(parts, loss=float(loss.detach()))
+        return dict(parts, loss=loss.detach())   # device tensors: no host sync per step
 
     def run(self) -> Dict[str, Any]:
         from tqdm.auto import tqdm
@@ -420,18 +512,33 @@ class Trainer:
             self.log.append(dict(round=0, step=0, method=cfg.method, **self.run_probe()))
         bar = tqdm(total=cfg.rounds, initial=self.round, desc=f"train {cfg.method}",
                    disable=not (cfg.progress and self.is_main), leave=False)
+        batches = self.train_batches()
+        try:
+            self._rounds(batches, bar)
+        finally:
+            batches.close()   # stops the DataLoader's workers
+        bar.close()
+        return self.finish()
+
+    def _rounds(self, batches, bar) -> None:
+        cfg = self.cfg
         while self.round < cfg.rounds:
             t0 = time.time()
             row: Dict[str, Any] = {"round": self.round + 1}
             row.update(self.method.begin_round(self, self.round))
-            sums: Dict[str, float] = {}
+            sums: Dict[str, torch.Tensor] = {}
             self.raw.train()
             for _ in range(cfg.steps_per_round):
-                x, y = _fetch(self.train_set, self.stream.next())
+                x, y = next(batches)
                 parts = self.step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
                 for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v
-            parts = {k: v / cfg.steps_per_round for k, v in sums.items()}
+                    sums[k] = sums[k] + v.float() if k in sums else v.float()
+            keys = sorted(sums)   # one host sync per round (the log row), none per step
+            means = (torch.stack([sums[k] for k in keys]) / cfg.steps_per_round).tolist()
+            parts = dict(zip(keys, means))
+            if not all(math.isfinite(v) for v in means):
+                raise NSPluginError(f"the {cfg.method} loss became {parts.get('loss')} in round {self.round + 1}; "
+                                    f"lower lr or enable clip_grad")
             if self.world > 1:
                 import torch.distributed as dist
                 keys = sorted(parts)
@@ -448,8 +555,6 @@ class Trainer:
             self.save_last()
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "noise_norm") if k in row})
-        bar.close()
-        return self.finish()
 
     @torch.no_grad()
     def run_probe(self) -> Dict[str, float]:

@@ -4,7 +4,9 @@ A method sees the :class:`ns_plugin.training.loop.Trainer` ``t`` and uses
 
 - ``t.model`` (possibly DDP-wrapped: use it for the loss that is back-propagated),
 - ``t.raw`` (the unwrapped model: use it for attacks and the noise search, which are local),
-- ``t.autocast()`` (AMP on CUDA, a no-op otherwise), ``t.cfg`` (:class:`TrainConfig`),
+- ``t.autocast()`` (AMP on CUDA, a no-op otherwise), ``t.attack_autocast()`` (the same for the adversarial
+  examples of Madry / TRADES / DAT, but only when it is bf16: fp16 attack gradients would need a scaler),
+  ``t.cfg`` (:class:`TrainConfig`),
 - ``t.find_noise(round, init)`` (the ε-approximate noise search, identical on every rank).
 
 Registered in :data:`ns_plugin.registry.trainers`:
@@ -30,7 +32,8 @@ import torch.nn.functional as F
 from ..errors import NSPluginError
 from ..registry import trainers
 
-Parts = Dict[str, float]
+#: The named terms of a loss, as detached 0-dim tensors on the device (the loop syncs them once per round).
+Parts = Dict[str, torch.Tensor]
 
 
 class Method:
@@ -74,7 +77,7 @@ class Standard(Method):
 
     def loss(self, t, x, y):
         loss = self.ce(t, x, y)
-        return loss, {"ce_clean": float(loss.detach())}
+        return loss, {"ce_clean": loss.detach()}
 
 
 class _NoiseMixin:
@@ -121,7 +124,7 @@ class Nullspace(_NoiseMixin, Method):
     def loss(self, t, x, y):
         clean = self.ce(t, x, y)
         noisy = self.noisy_ce(t, x, y)
-        return clean + noisy, {"ce_clean": float(clean.detach()), "ce_noise": float(noisy.detach())}
+        return clean + noisy, {"ce_clean": clean.detach(), "ce_noise": noisy.detach()}
 
 
 @trainers.register("random")
@@ -173,14 +176,15 @@ class Madry(Method):
         self.attack = torchattacks.PGD(t.raw, eps=c.pgd_eps, alpha=c.pgd_alpha, steps=c.pgd_steps, random_start=True)
 
     def loss(self, t, x, y):
-        adv = self.attack(x, y).detach()    # before any DDP forward of this step
+        with t.attack_autocast():
+            adv = self.attack(x, y).detach()    # before any DDP forward of this step
         adv_ce = self.ce(t, adv, y)
-        parts = {"ce_adv": float(adv_ce.detach())}
+        parts = {"ce_adv": adv_ce.detach()}
         loss = adv_ce
         if self.cfg.madry_clean_weight:
             clean = self.ce(t, x, y)
             loss = loss + self.cfg.madry_clean_weight * clean
-            parts["ce_clean"] = float(clean.detach())
+            parts["ce_clean"] = clean.detach()
         return loss, parts
 
 
@@ -200,13 +204,14 @@ class Trades(Method):
         self.attack = torchattacks.TPGD(t.raw, eps=c.pgd_eps, alpha=c.pgd_alpha, steps=c.pgd_steps)
 
     def loss(self, t, x, y):
-        adv = self.attack(x).detach()
+        with t.attack_autocast():
+            adv = self.attack(x).detach()
         with t.autocast():
             both = t.model(torch.cat([x, adv]))
         clean_logits, adv_logits = both.float().chunk(2)
         ce = F.cross_entropy(clean_logits, y)
         kl = F.kl_div(F.log_softmax(adv_logits, 1), F.softmax(clean_logits, 1), reduction="batchmean")
-        return ce + self.cfg.trades_beta * kl, {"ce_clean": float(ce.detach()), "kl_adv": float(kl.detach())}
+        return ce + self.cfg.trades_beta * kl, {"ce_clean": ce.detach(), "kl_adv": kl.detach()}
 
 
 def build_vqgan(name: str = "small", *, seed: int = 0, device=None):
@@ -262,9 +267,10 @@ class DAT(Method):
         c = self.cfg
         with torch.no_grad():
             xrec = reconstruct_with_vqgan(x, self.vq)
-        adv = pgd_generator(xrec, y, t.raw, attack_type="L2", eps=c.dat_eps, attack_steps=c.dat_steps,
-                            attack_lr=c.dat_lr, random_start_prob=c.dat_random_start_prob, use_best=False,
-                            attack_criterion="regular", eval_mode=False)
+        with t.attack_autocast():   # the VQGAN's code search stays fp32 (above and below)
+            adv = pgd_generator(xrec, y, t.raw, attack_type="L2", eps=c.dat_eps, attack_steps=c.dat_steps,
+                                attack_lr=c.dat_lr, random_start_prob=c.dat_random_start_prob, use_best=False,
+                                attack_criterion="regular", eval_mode=False)
         t.zero_grad()   # pgd_generator back-propagates into the parameters
         with torch.no_grad():
             return reconstruct_with_vqgan(adv.detach(), self.vq)
@@ -273,7 +279,7 @@ class DAT(Method):
         adv = self.dat_images(t, x, y)     # before any DDP forward of this step
         clean = self.ce(t, x, y)
         dat = self.ce(t, adv, y)
-        return clean + dat, {"ce_clean": float(clean.detach()), "ce_dat": float(dat.detach())}
+        return clean + dat, {"ce_clean": clean.detach(), "ce_dat": dat.detach()}
 
 
 @trainers.register("dat_ns")
@@ -286,7 +292,7 @@ class DATNullspace(_NoiseMixin, DAT):
     def loss(self, t, x, y):
         dat_loss, parts = super().loss(t, x, y)  # the DAT terms, adversarial images first
         noisy = self.noisy_ce(t, x, y)
-        return dat_loss + noisy, {**parts, "ce_noise": float(noisy.detach())}
+        return dat_loss + noisy, {**parts, "ce_noise": noisy.detach()}
 
 
 def get_method(name: str):
