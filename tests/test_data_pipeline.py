@@ -93,3 +93,21 @@ def test_attack_accuracy_streams_batches_on_the_model_device(jpeg_root, vit224):
     y = torch.tensor([sub[i][1] for i in range(4)])
     acc2, _ = attack_accuracy(vit224, torchattacks.FGSM(vit224, eps=1 / 255), x, y, batch_size=2)
     assert acc == acc2 and ips > 0 and acc <= top1(vit224, x, y) + 1e-9
+
+
+def test_folder_training_reads_through_workers_with_seeded_augmentation(tmp_path, digits, trained):
+    """Training on a folder goes through a DataLoader; each sample's augmentation is seeded by its place in the
+    batch stream, so the run is the same with 0 or 1 decoding workers, and augment: true really augments."""
+    from ns_plugin.data import save_image_folder
+    from ns_plugin.training import load_config, train
+    x, y = digits.train.tensors
+    save_image_folder(tmp_path / "d" / "train", x[:60], y[:60], classes=[str(i) for i in range(10)])
+    kw = dict(method="standard", data=str(tmp_path / "d"), rounds=1, steps_per_round=3, batch_size=8, lr=1e-3,
+              progress=False, plot=False)
+
+    def weights(**extra):
+        return train(load_config(**kw, **extra), model=__import__("copy").deepcopy(trained[0]))["model"].state_dict()
+    a, b = weights(augment=True, workers=0), weights(augment=True, workers=1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = weights(augment=False, workers=0)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
