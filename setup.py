@@ -52,6 +52,6 @@ setup(
             "DamageNet=ns_plugin.attacks.damagenet:DamageNet",
         ],
         # callables that register timm models (ns_vit_digits) when a tool wants them
-        "timm.plugins": ["ns_plugin=ns_plugin.registry:register_timm_digits"],
+        "timm.plugins": ["ns_plugin=ns_plugin.integrations.timm:register_timm_digits"],
     },
 )

@@ -17,7 +17,7 @@ Two ways in, both anchored on timm's own seams instead of a re-implemented forwa
   embedding of a batch can be computed once and shared between the clean and the noisy pass.
 
 Models without a ``patch_embed`` (CNNs...) have no encoder-level token space; for them use the
-input-level variant :func:`ns_plugin.nullspace.approximate.search_input_noise` (seed 000, §5.3).
+input-level variant :func:`ns_plugin.nullspace.search.search_input_noise` (seed 000, §5.3).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from torch import nn
 from .errors import NSPluginError
 
 _INPUT_LEVEL_HINT = ("encoder-level noise needs a ViT-style `patch_embed` (timm VisionTransformer/DeiT); "
-                     "use the input-level variant ns_plugin.nullspace.approximate.search_input_noise instead")
+                     "use the input-level variant ns_plugin.nullspace.search.search_input_noise instead")
 
 
 def strip_parallel(model: nn.Module) -> nn.Module:

@@ -102,7 +102,7 @@ def _merge(base: Dict[str, Any], new: Dict[str, Any]) -> None:
 def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Refuse unknown keys and methods with one clear line each."""
     import difflib
-    from ..registry import trainers
+    from .._registry import trainers
     from ..training import config as tc
     from ..training import methods as _m  # noqa: F401  (registers the methods)
 
@@ -320,7 +320,7 @@ class Comparison:
         except NSPluginError as e:
             out["PatchFool"] = f"skipped: {e}"
         if ev.get("autoattack"):
-            from .. import compat
+            from ..integrations import robustbench as compat
             compat.ensure_autoattack()
             from autoattack import AutoAttack
 
@@ -452,7 +452,7 @@ class Comparison:
 
     def register_models(self) -> List[str]:
         """Register every checkpoint as a timm model ``ns_<config>_<run>`` (and robustbench's form)."""
-        from ..registry import register_checkpoint
+        from ..integrations.timm import register_checkpoint
         names = []
         for run in self.cfg["runs"]:
             ck = self.out / "checkpoints" / f"{_slug(run['name'])}.pth"
@@ -539,18 +539,8 @@ def _arch(cfg: Dict[str, Any]) -> str:
 
 
 def _load(ck: Path):
-    from ..checkpoint import load_into, read_checkpoint
-    from ..models import build_default_model
-    ckpt = read_checkpoint(ck)
-    arch = ckpt["meta"].get("arch")
-    if arch == "ns_vit_digits":
-        model = build_default_model()
-    else:
-        import timm
-        from ..models import wrap
-        k = ckpt["state_dict"]["1.head.weight"].shape[0]
-        model = wrap(timm.create_model(arch, pretrained=False, num_classes=k), [0.0] * 3, [1.0] * 3)
-    return load_into(model, ckpt["state_dict"], source=str(ck)).eval()
+    from ..models import create_model
+    return create_model(ck).eval()
 
 
 def _pct(v: Optional[float]) -> str:

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from ..errors import NSPluginError
-from .approximate import (_delta, _eval_logits, _generator, _validate_noise, frozen, noise_quality,
-                          search_noise)
+from ._common import _generator, frozen
+from .metrics import _eval_logits, _validate_noise, mse_prob, noise_quality
+from .search import search_noise
 
 __all__ = ["learn_noises", "scale_influence", "convex_grid", "plot_scale_influence", "plot_convex_grid",
            "transfer_noise"]
@@ -67,7 +68,7 @@ def scale_influence(model: nn.Module, noises: NoiseSet, x: torch.Tensor,
         for v in vs:
             clean, noisy = _eval_logits(net, x, [a * v for a in alphas], batch_size)
             for k, z in enumerate(noisy):
-                mse[k] += float(_delta(z, clean))
+                mse[k] += float(mse_prob(z, clean))
                 match[k] += 100.0 * float((z.argmax(1) == clean.argmax(1)).float().mean())
     return dict(alphas=alphas, mse_prob=(mse / len(vs)).tolist(), pred_match=(match / len(vs)).tolist())
 
@@ -103,7 +104,7 @@ def convex_grid(model: nn.Module, noises: NoiseSet, x: torch.Tensor, *, pairs: i
             combos = [a1 * vs[i] + a2 * vs[j] for a1 in alphas for a2 in alphas]
             clean, noisy = _eval_logits(net, x, combos, batch_size)
             for k, z in enumerate(noisy):
-                grid[k // len(alphas), k % len(alphas)] += float(_delta(z, clean))
+                grid[k // len(alphas), k % len(alphas)] += float(mse_prob(z, clean))
     return dict(alphas=alphas, grid=(grid / len(chosen)).tolist(), pairs=chosen)
 
 

@@ -160,34 +160,10 @@ def init_distributed() -> Tuple[int, int, torch.device]:
 def build_model(cfg: TrainConfig, progress: bool = False) -> nn.Module:
     """``Sequential(Normalize, net)`` named by ``cfg.model`` ("default" = the cached trained tiny ViT, or a
     timm model name), optionally loaded from ``cfg.checkpoint``."""
-    from ..checkpoint import load_into, read_checkpoint
-    from ..models import build_default_model, wrap
+    from ..models import create_model
 
-    if cfg.model == "default":
-        if cfg.checkpoint:
-            model = build_default_model(num_classes=cfg.num_classes or 10)
-        else:
-            from ..embedded import default_model
-            model = copy.deepcopy(default_model(progress=progress)[0])
-            if cfg.num_classes not in (None, 10):
-                raise NSPluginError(f"the embedded default model has 10 classes, not {cfg.num_classes}; "
-                                    f"drop num_classes or use a timm model name")
-    else:
-        import timm
-        try:
-            kw = {"num_classes": cfg.num_classes} if cfg.num_classes else {}
-            net = timm.create_model(cfg.model, pretrained=cfg.pretrained, **kw)
-        except RuntimeError as e:
-            raise NSPluginError(f"cannot create timm model {cfg.model!r}: {str(e).splitlines()[0][:120]}") from None
-        except Exception as e:  # noqa: BLE001 (download failures come in many types)
-            raise NSPluginError(f"cannot create timm model {cfg.model!r} ({type(e).__name__}); pretrained "
-                                f"weights need network access once") from None
-        dc = getattr(net, "pretrained_cfg", {}) or {}
-        model = wrap(net, dc.get("mean", (0.485, 0.456, 0.406)), dc.get("std", (0.229, 0.224, 0.225)))
-    if cfg.checkpoint:
-        ckpt = read_checkpoint(cfg.checkpoint)
-        load_into(model, ckpt["state_dict"], source=f"checkpoint {cfg.checkpoint}")
-    return model
+    return create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained,
+                        num_classes=cfg.num_classes, progress=progress)
 
 
 def build_data(cfg: TrainConfig, model: nn.Module):
@@ -231,7 +207,7 @@ def _fetch(ds, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def search_and_broadcast(raw: nn.Module, data, cfg: TrainConfig, rnd: int, *,
                          init: Optional[torch.Tensor] = None, world: int = 1, rank: int = 0,
                          device: Optional[torch.device] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
-    """Run ``ns_plugin.nullspace.approximate.search_noise`` on rank 0 (fp32, eval mode, unwrapped model,
+    """Run ``ns_plugin.nullspace.search.search_noise`` on rank 0 (fp32, eval mode, unwrapped model,
     init seeded by ``(cfg.seed, rnd)``) and ``dist.broadcast`` the noise and its statistics to every rank.
 
     Returns ``(noise (1, N, D), {"noise_steps", "mse_prob", "noise_norm", "reached", "search_seconds"})``;
@@ -243,7 +219,7 @@ def search_and_broadcast(raw: nn.Module, data, cfg: TrainConfig, rnd: int, *,
     n, d = token_shape(raw)
     stats = torch.zeros(5, dtype=torch.float64, device=device)
     if rank == 0:
-        from ..nullspace.approximate import search_noise
+        from ..nullspace.search import search_noise
 
         g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + rnd * 101 + 1) % (2 ** 63))
         was = raw.training
@@ -283,7 +259,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, out: Optional[os.PathLike] = None, *, model: Optional[nn.Module] = None,
                  train_set=None, probe=None, resume: bool = False):
-        from ..registry import trainers
+        from .._registry import trainers
         from . import methods as _m  # noqa: F401
 
         self.cfg = cfg.validate()
@@ -379,17 +355,18 @@ class Trainer:
     def mse_prob(self, noise: torch.Tensor, rnd: int = 0) -> float:
         """001 Alg. 1 line 8: mean over the round's search images of ‖softmax(z') − softmax(z)‖²."""
         from ..anatomy import inject_noise
+        from ..nullspace.metrics import mse_prob
 
         x = self.search_images(rnd)
         was = self.raw.training
         self.raw.eval()
         try:
-            p = self.raw(x).softmax(1)
+            clean = self.raw(x)
             with inject_noise(self.raw, noise.to(self.device)):
-                q = self.raw(x).softmax(1)
+                noisy = self.raw(x)
         finally:
             self.raw.train(was)
-        return float(((q - p) ** 2).sum(1).mean())
+        return float(mse_prob(noisy, clean))
 
     # --- the loop -------------------------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
