@@ -16,6 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ns_plugin", "ns_plugin.*"]),
+    package_data={"ns_plugin": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.1",
         "torchvision",
