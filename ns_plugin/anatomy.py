@@ -33,15 +33,6 @@ _INPUT_LEVEL_HINT = ("encoder-level noise needs a ViT-style `patch_embed` (timm 
                      "use the input-level variant ns_plugin.nullspace.search.search_input_noise instead")
 
 
-def strip_parallel(model: nn.Module) -> nn.Module:
-    """Remove DDP / DataParallel ``.module`` wrappers (keeps the ``Sequential(Normalize, net)``)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-            hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module)
-            and type(model).__name__ in ("DistributedDataParallel", "DataParallel")):
-        model = model.module
-    return model
-
-
 def _core(model: nn.Module) -> Tuple[Optional[nn.Module], nn.Module]:
     from .models import unwrap
     if not isinstance(model, nn.Module):
@@ -162,6 +153,7 @@ class ViTAnatomy(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        from .models import strip_parallel
         norm, core = _core(strip_parallel(model))
         try:
             from timm.models.vision_transformer import VisionTransformer

@@ -42,14 +42,21 @@ def wrap(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> nn.Se
     return nn.Sequential(Normalize(mean, std), model)
 
 
+def strip_parallel(model: nn.Module) -> nn.Module:
+    """Remove ``.module`` wrappers (DistributedDataParallel, DataParallel, timm's ``ModelEma*``); keeps the
+    ``Sequential(Normalize, net)``. The one DDP unwrapper of ns_plugin."""
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
+        model = model.module
+    return model
+
+
 def unwrap(model: nn.Module) -> Tuple[Optional[Normalize], nn.Module]:
     """Split a model into its leading :class:`Normalize` (or ``None``) and the core network.
 
-    DDP/DataParallel ``.module`` wrappers are removed first. Any first module with ``mean``/``std``
-    buffers (EasyRobust's class included) counts as the normaliser.
+    DDP/DataParallel ``.module`` wrappers are removed first (:func:`strip_parallel`). Any first module with
+    ``mean``/``std`` buffers (EasyRobust's class included) counts as the normaliser.
     """
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
-        model = model.module
+    model = strip_parallel(model)
     if isinstance(model, nn.Sequential) and len(model) == 2:
         first = model[0]
         if hasattr(first, "mean") and hasattr(first, "std"):

@@ -47,7 +47,7 @@ def _small_set(digits, n=48):
 
 
 def test_registry_lists_every_method_and_unknown_names_fail():
-    from ns_plugin._registry import trainers
+    from ns_plugin.training import trainers
     import ns_plugin.training  # noqa: F401  (registers)
     assert set(METHODS) <= set(trainers.names())
     with pytest.raises(NSPluginError, match=r"unknown trainer 'nss'.*did you mean 'ns'.*known: .*dat_ns.*trades"):

@@ -72,9 +72,8 @@ def _merge(base: Dict[str, Any], new: Dict[str, Any]) -> None:
 def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Refuse unknown keys and methods with one clear line each."""
     import difflib
-    from .._registry import trainers
     from ..training import config as tc
-    from ..training import methods as _m  # noqa: F401  (registers the methods)
+    from ..training import trainers
 
     def unknown(keys, known, where):
         for k in keys:

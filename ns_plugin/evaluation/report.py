@@ -1,6 +1,7 @@
 """Reports of a comparison as pure functions of its results (no training, no files): the paper's tables
 ("Approximate Nullspace Augmented Finetuning for Robust Vision Transformers", Tables 2-4) as Markdown and CSV
-rows, robustbench-style leaderboard entries, and the training-curve figure (Fig. 4 style).
+rows, robustbench-style leaderboard entries, the training-curve figure (Fig. 4 style), and one training run's log
+files and plot (:func:`write_log`, :func:`plot_log`).
 
 ``evals`` maps a run name to its evaluation dict (``Clean``, ``FGSM``, ``PGD``, ..., ``corruptions``
 ``{name: {severity: acc}}``, ``notes``); the harness (:mod:`.harness`) computes them and writes what these
@@ -10,7 +11,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import os
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 #: Columns of the paper's tables. "PGD" is ours (the paper reports no PGD in Table 2).
@@ -165,3 +169,57 @@ def training_curves_figure(logs: Dict[str, Any]):
     axes[1].legend(fontsize=6)
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one training run's log and its Fig. 4-style plot
+# ----------------------------------------------------------------------------------------------------------
+def write_log(rows: List[Dict[str, Any]], out: Path) -> None:
+    """``out/log.json`` (a list of per-round dicts) and ``out/log.csv`` (one column per key), atomically."""
+    from ..io import atomic_write_text
+    out = Path(out)
+    atomic_write_text(out / "log.json", json.dumps(rows, indent=1))
+    keys: List[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    atomic_write_text(out / "log.csv", buf.getvalue())
+
+
+#: Series of the Fig. 4-style plot (001 §5.4), when present in the log.
+PLOT_KEYS = ("noise_norm", "mse_prob", "noise_steps", "loss", "ce_clean", "ce_noise", "probe_clean_acc",
+             "probe_fgsm_acc")
+
+
+def plot_log(rows: List[Dict[str, Any]], path: os.PathLike, title: str = "") -> Optional[Path]:
+    """001 Fig. 4 style: each metric over model steps, divided by its first value. Returns the path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = 0
+    for k in PLOT_KEYS:
+        pts = [(r["step"], float(r[k])) for r in rows
+               if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+        if len(pts) < 1 or pts[0][1] == 0 or not math.isfinite(pts[0][1]):
+            continue
+        base = pts[0][1]
+        ax.plot([p[0] for p in pts], [p[1] / base for p in pts], marker="o", ms=3, label=k)
+        drawn += 1
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("model steps")
+    ax.set_ylabel("value / value at start")
+    ax.set_title(f"{title} (normalised to start, as in 001 Fig. 4)")
+    if drawn:
+        ax.legend(fontsize=7)
+    from ..io import atomic_savefig
+    fig.tight_layout()
+    try:
+        return atomic_savefig(fig, path, dpi=100)
+    finally:
+        plt.close(fig)

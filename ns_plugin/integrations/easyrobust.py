@@ -23,8 +23,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .._registry import trainers
-from ..training.config import TrainConfig  # importing ns_plugin.training registers the methods
+from ..training import trainers
+from ..training.config import TrainConfig
 
 #: TrainConfig fields a script's ``args`` may set for the method (the rest belong to the script).
 METHOD_KEYS = ("eps", "lim", "noise_lr", "noise_max_steps", "search", "search_batch_size", "warm_start",
@@ -39,10 +39,10 @@ class _ScriptContext:
     def __init__(self, model, optimizer, cfg: TrainConfig, amp_autocast):
         import torch.distributed as dist
 
-        from ..models import unwrap
+        from ..models import strip_parallel, unwrap
 
         self.model = model
-        self.raw = model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
+        self.raw = strip_parallel(model)
         self.cfg = cfg
         self.opt = optimizer
         self.device = next(self.raw.parameters()).device

@@ -215,7 +215,8 @@ class _Forward:
     graph to ``v`` only (parameters are frozen by the caller)."""
 
     def __init__(self, model: nn.Module, level: str, mode: str):
-        from ..anatomy import ViTAnatomy, inject_noise, strip_parallel
+        from ..anatomy import ViTAnatomy, inject_noise
+        from ..models import strip_parallel
         self.net = strip_parallel(model)  # never go through DDP: its forward runs collectives
         self.level, self.mode = level, mode
         self.inject = inject_noise

@@ -54,7 +54,7 @@ def scale_influence(model: nn.Module, noises: NoiseSet, x: torch.Tensor,
 
     Returns ``{"alphas", "mse_prob", "pred_match"}`` (lists aligned with ``alphas``; MSE probability and
     % of unchanged predictions averaged over the noises).  Default α: 0, 0.1, ..., 2."""
-    from ..anatomy import strip_parallel
+    from ..models import strip_parallel
     from ..models import check_images
     net = strip_parallel(model)
     check_images(x, net)
@@ -80,7 +80,7 @@ def convex_grid(model: nn.Module, noises: NoiseSet, x: torch.Tensor, *, pairs: i
 
     Returns ``{"alphas", "grid", "pairs"}`` where ``grid[a][b]`` is the mean MSE probability at
     ``α1 = alphas[a]``, ``α2 = alphas[b]``."""
-    from ..anatomy import strip_parallel
+    from ..models import strip_parallel
     from ..models import check_images
     net = strip_parallel(model)
     check_images(x, net)
@@ -170,7 +170,8 @@ def transfer_noise(noise: torch.Tensor, target: nn.Module, x: torch.Tensor, y: O
     """Quality (:func:`noise_quality`) of a noise learnt on one model when applied to ``target`` (seed 000
     §5.3, Fig. 3(c)).  Encoder-level noise needs the same ``(N_patches, D)`` token shape, input-level noise
     the same image shape; otherwise a one-line :class:`NSPluginError` names both shapes."""
-    from ..anatomy import strip_parallel, token_shape
+    from ..anatomy import token_shape
+    from ..models import strip_parallel
     if isinstance(noise, torch.Tensor) and noise.dim() == 3:
         want = (1, *token_shape(strip_parallel(target)))
         if tuple(noise.shape) != want:

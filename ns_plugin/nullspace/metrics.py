@@ -62,7 +62,7 @@ def mse_probability(model: nn.Module, x: torch.Tensor, noise: torch.Tensor, *, b
     """MSE probability of ``noise`` on images ``x``: mean over images of
     ``||softmax(f(u + v)) - softmax(f(u))||^2`` (seed 001, Alg. 1 line 8; Fig. 3 and 5).  ``noise`` is
     encoder-level ``(1, N_patches, D)`` or input-level ``(1, C, H, W)``.  Computed in eval mode."""
-    from ..anatomy import strip_parallel
+    from ..models import strip_parallel
     from ..models import check_images
     net = strip_parallel(model)
     check_images(x, net)
@@ -80,7 +80,7 @@ def noise_quality(model: nn.Module, noise: torch.Tensor, x: torch.Tensor, y: Opt
     ``mse_prob``, the permuted-noise control (``permuted_pred_match``, ``permuted_mse_prob``: same values at
     shuffled positions, drawn with ``generator``) and, when labels ``y`` are given, ``clean_acc``,
     ``noisy_acc`` and ``permuted_acc`` (%)."""
-    from ..anatomy import strip_parallel
+    from ..models import strip_parallel
     from ..models import check_images
     net = strip_parallel(model)
     check_images(x, net)

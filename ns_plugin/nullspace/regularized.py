@@ -33,7 +33,8 @@ def learn_noise_regularized(model: nn.Module, data, *, lam: float = 0.0, lim: fl
     Parameters are frozen and the model's modes restored as in :func:`search_noise`.
     """
     from tqdm.auto import tqdm
-    from ..anatomy import strip_parallel, token_shape
+    from ..anatomy import token_shape
+    from ..models import strip_parallel
 
     for name, val in (("lim", lim), ("lr", lr), ("p", p), ("eps", eps)):
         _positive(name, val)

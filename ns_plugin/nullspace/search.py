@@ -46,7 +46,8 @@ MODES = ("fast", "faithful")
 def _search(model, data, *, level, eps, lim, lr, max_steps, init, expand, max_expand, batch_size,
             generator, mode, weight_decay, progress, desc) -> Tuple[torch.Tensor, NoiseRecord]:
     from tqdm.auto import tqdm
-    from ..anatomy import check_noise, strip_parallel
+    from ..anatomy import check_noise
+    from ..models import strip_parallel
 
     _positive("eps", eps)
     _positive("lim", lim)

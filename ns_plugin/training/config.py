@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Optional, Sequence
 
 from ..errors import NSPluginError
 
@@ -78,8 +78,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise :class:`NSPluginError` for out-of-range values (one line, naming the fix)."""
-        from .._registry import trainers
-        from . import methods as _m  # noqa: F401  (registers the methods)
+        from .._registry import trainers  # filled by ns_plugin.training (imported before this module)
         trainers.get(self.method)
 
         def num(name, lo, hi, lo_open=True, hi_open=False):
