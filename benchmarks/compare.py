@@ -5,14 +5,15 @@
     torchrun --nproc_per_node 8 benchmarks/compare.py benchmarks/configs/compare/imagenet_vit_b.yaml
     python benchmarks/compare.py benchmarks/configs/compare/imagenet_vit_s.yaml --smoke        # dress rehearsal
 
-Configs in benchmarks/configs/compare/: demo (everything, embedded default), ns_vs_baseline, dat_vs_dat_ns,
+Configs in benchmarks/configs/compare/: ns_vs_baseline, dat_vs_dat_ns,
 adversarial (NS vs Madry vs TRADES), ablation (ε and random noise), and imagenet_vit_b / imagenet_vit_s for
-GPU users with ImageNet and EasyRobust's benchmark folders.
+GPU users with ImageNet and EasyRobust's benchmark folders; each starts from the demo configuration shipped
+with the package (ns_plugin/configs/demo.yaml, used when no config is given). Ends with one JSON line of the measured rows.
 
 ``--smoke`` (``--smoke quick`` for the test suite's size) is the dress rehearsal of a paper config: the same
 architecture at 224, rows, EMA, AMP flag, evaluators and tables, at toy size, on an ImageNet-layout folder of
 variable-size JPEGs it generates (cached); it runs under ``torchrun`` as the real run does. Under ``torchrun``
-only rank 0 prints. Ends with one JSON line of the measured rows.
+only rank 0 prints.
 """
 import argparse
 import json
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     from ns_plugin.evaluation.harness import load_comparison_config, run_comparison
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("config", help="comparison YAML")
+    p.add_argument("config", nargs="?", help="comparison YAML (default: the demo, ns_plugin/configs/demo.yaml)")
     p.add_argument("--out", help="results folder (default: results/<config name>)")
     p.add_argument("--smoke", nargs="?", const="full", choices=["full", "quick"],
                    help="dress rehearsal at toy size on a generated ImageNet-layout folder (default size: full)")
