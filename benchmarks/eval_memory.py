@@ -13,11 +13,9 @@ JSON line.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 SIZES = ((500, 375), (375, 500), (333, 500), (500, 333), (250, 200), (640, 480))

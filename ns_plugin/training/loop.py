@@ -18,6 +18,7 @@ reproduces an uninterrupted run exactly on CPU.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from pathlib import Path
