@@ -22,11 +22,15 @@ def _free_port():
 def _check(out: Path, world: int):
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "complete" and run.get("reason") is None
+    cfg = json.loads((out / "config.json").read_text())
     evals = {p.stem: json.loads(p.read_text()) for p in (out / "evals").glob("*.json")}
-    assert len(evals) == 2
-    base = next(e for e in evals.values() if e["name"] == "ViT-S")
-    ns = next(e for e in evals.values() if e["name"] != "ViT-S")
-    assert base["weights"] == "model" and ns["weights"] == "ema"      # the config trains with model_ema
+    assert sorted(e["name"] for e in evals.values()) == sorted(r["name"] for r in cfg["runs"])
+    assert len(evals) >= 2 and cfg["runs"][0]["name"] == "ViT-S"
+    for r in cfg["runs"]:
+        e = next(e for e in evals.values() if e["name"] == r["name"])
+        trained_ema = r.get("method") is not None and r.get("model_ema", cfg["training"].get("model_ema"))
+        assert e["weights"] == ("ema" if trained_ema else "model"), r["name"]   # the config trains with EMA
+    assert any(e["weights"] == "ema" for e in evals.values())
     for e in evals.values():
         assert e["device"] == "cpu" and e["world_size"] == world and e["n_attack"] == 2
         for col in ("Clean", "FGSM", "PGD", "CW", "PatchFool", "A", "R", "V2", "Sketch", "Stylized"):

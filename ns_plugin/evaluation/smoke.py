@@ -132,7 +132,8 @@ def write_smoke_imagenet(root: os.PathLike | str, *, classes: int = 5, train_per
 
 
 #: Sizes of the dress rehearsal: ``full`` (``benchmarks/compare.py CONFIG --smoke``) runs every row; ``quick``
-#: (``--smoke quick``, what the test suite runs) the baseline and the first fine-tuned row, on fewer images.
+#: (``--smoke quick``, what the test suite runs) the baseline, the first fine-tuned row and the first DAT-family
+#: row if there is one, on fewer images.
 SMOKE_SIZES = {
     "full": dict(train_per_class=4, val_per_class=2, corruptions=("gaussian_noise", "contrast"), severities=(1, 3),
                  rounds=2, steps=2, noise_steps=4, attack_steps=2, n_attack=4, rows=None),
@@ -185,7 +186,12 @@ def smoke_config(cfg: dict, data_root: os.PathLike, size: str = "full"):
               noise_max_steps=sz["noise_steps"], pgd_steps=sz["attack_steps"], dat_steps=1, probe=False,
               plot=size == "full", progress=False, workers=0 if size == "quick" else 1)
     tr.pop("world_size", None)
-    runs = c["runs"][: sz["rows"]] if sz["rows"] else c["runs"]
+    runs = c["runs"]
+    if sz["rows"]:   # quick: the baseline, the first fine-tuned row, and the first DAT-family row (VQGAN at 224)
+        trained = [r for r in runs[1:] if r.get("method")]
+        dat = [r for r in trained if str(r.get("method")).startswith("dat")]
+        keep = [runs[0]] + trained[:1] + [r for r in dat[:1] if r not in trained[:1]]
+        runs = [r for r in runs if any(r is k for k in keep)]
     for r in [tr] + runs:
         if r.get("vqgan") not in (None, "small", "small_f8"):
             subs.append(f"vqgan {r['vqgan']} -> small_f8 (random, factor 8)")
