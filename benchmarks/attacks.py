@@ -22,7 +22,8 @@ def main(argv=None):
     import ns_plugin
     import torchattacks
     from ns_plugin.data import load_digits
-    from ns_plugin.embedded import accuracy, default_model
+    from ns_plugin.embedded import default_model
+    from ns_plugin.models import accuracy
 
     ns_plugin.register()
     torch.manual_seed(0)

@@ -43,8 +43,6 @@ objectives.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,6 +287,7 @@ class _threads:
 
 def _finish(X: torch.Tensor, U: torch.Tensor, B: torch.Tensor, Wm: torch.Tensor, p: int):
     """Map solutions back to coefficients, make the nullspace and box constraints exact, evaluate."""
+    from ..nullspace.exact import box_scale
     C = (U - X) @ B.T                          # (K, m) coefficients
     V = C @ B                                  # nullspace perturbation
     out = X + V
@@ -296,9 +295,7 @@ def _finish(X: torch.Tensor, U: torch.Tensor, B: torch.Tensor, Wm: torch.Tensor,
     bad = (lo < -1e-7) | (hi > 1 + 1e-7)      # larger than round-off or a solver tolerance
     if bool(bad.any()):                        # shrink towards x: stays in the nullspace and the box
         Xb, Vb = X[bad], V[bad]
-        up = torch.where(Vb > 0, (1 - Xb) / Vb.clamp_min(1e-300), torch.full_like(Xb, float("inf")))
-        dn = torch.where(Vb < 0, Xb / (-Vb).clamp_min(1e-300), torch.full_like(Xb, float("inf")))
-        s = torch.minimum(up, dn).amin(1).clamp(0, 1)
+        s = box_scale(Xb, Vb, tiny=1e-300).clamp(max=1)
         C[bad] = C[bad] * s[:, None]
         V[bad] = C[bad] @ B
         out[bad] = Xb + V[bad]
@@ -622,18 +619,13 @@ def write_image(path: Union[str, Path], x: torch.Tensor) -> Path:
     path = Path(path)
     arr = (x.detach().double().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
     arr = arr[0].numpy() if arr.shape[0] == 1 else arr.permute(1, 2, 0).numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
+    from ..io import atomic_write
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
     try:
-        Image.fromarray(arr).save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format=fmt),
+                            suffix=path.suffix or ".png")
     except (ValueError, OSError) as e:
         raise NSPluginError(f"cannot write image {str(path)!r}: {e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def text_watermark(text: str = "NS", size: Tuple[int, int] = (32, 32), channels: int = 3) -> torch.Tensor:

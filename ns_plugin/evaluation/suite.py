@@ -47,15 +47,11 @@ def folder_tensors(path) -> Tuple[torch.Tensor, torch.Tensor]:
     return _folder_tensors(str(Path(path).resolve()))
 
 
-@torch.no_grad()
 def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy in percent."""
+    """Top-1 accuracy in percent (:func:`ns_plugin.models.accuracy` x 100), model left in eval mode."""
+    from ..models import accuracy
     model.eval()
-    dev = next(model.parameters()).device
-    correct = 0
-    for i in range(0, len(x), batch_size):
-        correct += (model(x[i:i + batch_size].to(dev)).argmax(1).cpu() == y[i:i + batch_size]).sum().item()
-    return 100.0 * correct / max(1, len(y))
+    return 100.0 * accuracy(model, x, y, batch_size)
 
 
 def _quiet(fn: Callable, *args, **kw):

@@ -188,10 +188,18 @@ class PatchNullspace:
         """
         x = x.unsqueeze(0) if x.dim() == 3 else x
         v = v.unsqueeze(0) if v.dim() == 3 else v
-        v = v.expand_as(x)
-        up = torch.where(v > 0, (1 - x) / v.clamp_min(1e-30), torch.full_like(x, float("inf")))
-        down = torch.where(v < 0, x / (-v).clamp_min(1e-30), torch.full_like(x, float("inf")))
-        return torch.minimum(up, down).flatten(1).min(1).values.clamp_min(0)
+        return box_scale(x, v.expand_as(x))
+
+
+def box_scale(x: torch.Tensor, v: torch.Tensor, *, start_dim: int = 1, tiny: float = 1e-30) -> torch.Tensor:
+    """The one "largest scale that keeps an image in [0, 1]": the largest ``s >= 0`` with ``x + s·v`` inside
+    [0, 1], taken over the dimensions from ``start_dim`` on (``inf`` where ``v`` is 0 there). ``x`` and ``v``
+    have the same shape. Used per image (:meth:`PatchNullspace.max_scale`), per patch (the attacks) and per
+    patch row (the watermark solvers)."""
+    inf = torch.full_like(x, float("inf"))
+    up = torch.where(v > 0, (1 - x) / v.clamp_min(tiny), inf)
+    down = torch.where(v < 0, x / (-v).clamp_min(tiny), inf)
+    return torch.minimum(up, down).flatten(start_dim).min(-1).values.clamp_min(0)
 
 
 def exact_nullspace(model: nn.Module, *, tol: Optional[float] = None, space: str = "pixel") -> PatchNullspace:

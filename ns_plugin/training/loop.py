@@ -268,7 +268,7 @@ class Trainer:
         """Held-out probe: clean accuracy and FGSM (ε 1/255, as 001 App. C) accuracy of the current model."""
         import torchattacks
 
-        from ..embedded import accuracy
+        from ..models import accuracy
 
         x, y = self.probe
         out = {"probe_clean_acc": accuracy(self.raw, x, y)}

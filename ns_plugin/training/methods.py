@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..errors import NSPluginError
 from .._registry import trainers
+from .state import round_seed
 
 Parts = Dict[str, float]
 
@@ -143,7 +144,7 @@ class RandomNoise(Nullspace):
             norm = stats["noise_norm"]
         else:
             stats, norm = {}, float(self.cfg.random_norm)
-        g = torch.Generator().manual_seed(_round_seed(self.cfg.seed, rnd, 2))
+        g = torch.Generator().manual_seed(round_seed(self.cfg.seed, rnd, 2))
         n, d = token_shape(t.raw)
         direction = torch.randn(1, n, d, generator=g)   # same on every rank (same seed)
         self.noise = (direction * (norm / direction.norm())).to(t.device)
@@ -151,10 +152,6 @@ class RandomNoise(Nullspace):
         stats["noise_norm"] = float(self.noise.norm())
         stats["mse_prob"] = t.mse_prob(self.noise, rnd)
         return stats
-
-
-def _round_seed(seed: int, rnd: int, purpose: int) -> int:
-    return (int(seed) * 1_000_003 + rnd * 101 + purpose) % (2 ** 63)
 
 
 @trainers.register("madry")
