@@ -1,9 +1,9 @@
 """Shared fixtures: the real embedded data and one trained tiny ViT per test session.
 
 The whole session (and every subprocess it starts) uses a temporary ``NS_PLUGIN_CACHE``: no test reads or
-writes the user's cache. The session's trained model is put there as the cached embedded default, so code
-that asks for the default model (``model: default``, the CLI without ``--checkpoint``) gets it without
-training again.
+writes the user's cache. Tests whose code asks for the default model (``model: default``, the CLI without
+``--checkpoint``) use the ``default_model_cache`` fixture: the session's trained model is put there as the
+cached embedded default, so nothing trains it again.
 """
 import os
 import shutil
@@ -48,7 +48,7 @@ def trained(digits):
     return model, metrics
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def default_model_cache(trained):
     """The session's trained model as the cached embedded default in the temporary cache (what
     ``ns_plugin.embedded.default_model()`` would train and cache: same data, seed and schedule)."""

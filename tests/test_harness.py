@@ -12,6 +12,8 @@ import yaml
 
 from ns_plugin.errors import NSPluginError
 
+pytestmark = pytest.mark.usefixtures("default_model_cache")
+
 TINY = {
     "name": "tiny",
     "training": {"rounds": 1, "steps_per_round": 2, "batch_size": 16, "search_batch_size": 16,

@@ -19,7 +19,7 @@ from ns_plugin.errors import NSPluginError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "default_model_cache")
 METHODS = ["standard", "ns", "random", "madry", "trades", "dat", "dat_ns"]
 # tiny but real: 2 rounds x 2 steps on 48 training images, 16-image noise search
 SMALL = dict(rounds=2, steps_per_round=2, batch_size=8, train_limit=48, search_batch_size=16, lr=1e-4,
