@@ -90,16 +90,16 @@ def nullspace_transform(model: nn.Module, *, mode: str = "project", channels: Se
         raise NSPluginError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if fit not in FITS:
         raise NSPluginError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
+    from ..nullspace.exact import solve_channels
+
     ns = _nullspace(model)
-    c, (rh, rw) = ns.in_chans, ns.patch_size
+    c = ns.in_chans
     if mode == "channels":
         chans = sorted(set(int(ch) for ch in channels))
         if not chans or chans[0] < 0 or chans[-1] >= c:
             raise NSPluginError(f"channels must be a non-empty subset of 0..{c - 1}, got {tuple(channels)}")
-        free = torch.cat([torch.arange(ch * rh * rw, (ch + 1) * rh * rw) for ch in chans])
         if rcond is not None and not 0 <= rcond < 1:
             raise NSPluginError(f"rcond must be in [0, 1), got {rcond}")
-        pinv = torch.linalg.pinv(ns.weight[:, free], rtol=rcond)  # (|free|, d), float64
 
     def transform(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if source.shape != target.shape:
@@ -109,11 +109,7 @@ def nullspace_transform(model: nn.Module, *, mode: str = "project", channels: Se
         if mode == "project":
             out = s64 + ns.project(t64 - s64)
         else:
-            ps, pt = ns.to_patches(s64), ns.to_patches(t64)
-            rhs = (ps - pt) @ ns.weight.to(ps.device).T        # (N, P, d): W (source - target)
-            pt = pt.clone()
-            pt[..., free] += rhs @ pinv.to(ps.device).T
-            out = ns.from_patches(pt, tuple(source.shape[-2:]))
+            out = solve_channels(ns, s64, t64, channels=chans, objective="embedding", rcond=rcond)
         return fit_to_box(s64, out, fit).to(source.dtype)
 
     transform.nullspace = ns  # type: ignore[attr-defined]

@@ -19,7 +19,7 @@ one returned (``space="pixel"``). ``space="normalized"`` gives the nullspace of 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -189,6 +189,62 @@ class PatchNullspace:
         x = x.unsqueeze(0) if x.dim() == 3 else x
         v = v.unsqueeze(0) if v.dim() == 3 else v
         return box_scale(x, v.expand_as(x))
+
+
+def solve_channels(ns: "PatchNullspace", source: torch.Tensor, target: torch.Tensor, *,
+                   channels: Sequence[int] = (0,), objective: str = "embedding", box: bool = False,
+                   iters: int = 100, rcond: Optional[float] = None) -> torch.Tensor:
+    """Targeted noise with free channels ("Nullspace of Vision Transformers and what does it tell us?",
+    appendix A.3): the output takes the target's values in every channel except ``channels`` (default red
+    only), which are solved, patch by patch, so that the output matches the source as seen by the patch
+    embedding. The one implementation behind ``TargetedNullspace(channels="red")`` and
+    ``nullspace_transform(mode="channels")``.
+
+    ``objective="embedding"`` minimises ``||W (out - source)||`` (W: the patch embedding);
+    ``"nullspace"`` the distance of ``out - source`` to the nullspace (Eq. 7's residual). The unconstrained
+    solution is the least-squares one closest to the target: ``z = t_free + pinv(A_free) A (s - t)`` (``rcond``:
+    relative cut-off of the pseudo-inverse). ``box=True`` keeps the solved channels in [0, 1] (box-constrained
+    least squares by FISTA, ``iters`` steps, started from the clamped unconstrained solution). Not exact in
+    general: with ``d`` embedding dims and ``|free|`` pixels per patch the system has ``d`` equations in
+    ``|free|`` unknowns. Returns the output image in float64.
+    """
+    c, (rh, rw) = ns.in_chans, ns.patch_size
+    chans = sorted(set(int(ch) for ch in channels))
+    if not chans or chans[0] < 0 or chans[-1] >= c:
+        raise NSPluginError(f"channels must be a non-empty subset of 0..{c - 1}, got {tuple(channels)}")
+    if objective not in ("embedding", "nullspace"):
+        raise NSPluginError(f"objective must be 'nullspace' or 'embedding', got {objective!r}")
+    if rcond is not None and not 0 <= rcond < 1:
+        raise NSPluginError(f"rcond must be in [0, 1), got {rcond}")
+    s64, t64 = source.to(torch.float64), target.to(torch.float64)
+    dev = s64.device
+    w = ns.weight.to(dev, torch.float64)
+    if objective == "embedding":
+        a = w                                               # (d, c·r²): the patch embedding itself
+    else:                                                   # orthonormal basis of the row space
+        a = torch.linalg.svd(w, full_matrices=True)[2][:ns.input_dim - ns.nullity]
+    basis = ns.basis.to(dev, torch.float64)
+    if basis.numel():
+        a = a - (a @ basis.T) @ basis                       # exact orthogonality to the computed nullspace
+    free = torch.cat([torch.arange(ch * rh * rw, (ch + 1) * rh * rw) for ch in chans]).to(dev)
+    a_free = a[:, free]
+    ps, pt = ns.to_patches(s64), ns.to_patches(t64)         # (N, P, c·r²)
+    z = pt[..., free] + ((ps - pt) @ a.T) @ torch.linalg.pinv(a_free, rtol=rcond).T
+    if box:
+        rhs = pt[..., free] @ a_free.T + (ps - pt) @ a.T    # want a_free · z = rhs
+        lip = max(float(torch.linalg.matrix_norm(a_free, ord=2)) ** 2, 1e-12)
+        ata, atb = a_free.T @ a_free, rhs @ a_free
+        z = z.clamp(0, 1)
+        y, zp, tk = z.clone(), z.clone(), 1.0
+        for _ in range(int(iters)):  # FISTA on 0.5·||a_free z - rhs||² over the box [0, 1]
+            zn = (y - (y @ ata - atb) / lip).clamp(0, 1)
+            tn = (1 + (1 + 4 * tk * tk) ** 0.5) / 2
+            y = zn + ((tk - 1) / tn) * (zn - zp)
+            zp, tk = zn, tn
+        z = zp
+    out = pt.clone()
+    out[..., free] = z
+    return ns.from_patches(out, tuple(s64.shape[-2:]))
 
 
 def box_scale(x: torch.Tensor, v: torch.Tensor, *, start_dim: int = 1, tiny: float = 1e-30) -> torch.Tensor:
