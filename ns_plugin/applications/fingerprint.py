@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import NSPluginError
+from ..nullspace.exact import PatchNullspace
 
 #: Default decision threshold on the chance-corrected score. Measured with :func:`evaluate_fingerprint` on the
 #: tiny ViT (``ns-plugin fingerprint --evaluate``): derived models scored 0.82 (patch embedding 50 % pruned) to
@@ -44,50 +45,22 @@ from ..errors import NSPluginError
 DEFAULT_THRESHOLD = 0.5
 
 
-@dataclass
-class Fingerprint:
-    """The nullspace fingerprint of a model: ``basis`` (``nullity x input_dim``, orthonormal rows, float64, pixel
-    space) and the patch geometry it belongs to."""
-    basis: torch.Tensor
-    patch_size: tuple
-    in_chans: int
-    embed_dim: int
-    layer: str = "patch_embed.proj"
-
-    @property
-    def nullity(self) -> int:
-        return int(self.basis.shape[0])
-
-    @property
-    def input_dim(self) -> int:
-        return int(self.basis.shape[1])
-
-    def to_dict(self) -> Dict[str, object]:
-        """Plain tensors/ints (``torch.save`` with ``weights_only`` loading works)."""
-        return {"basis": self.basis.clone(), "patch_size": list(self.patch_size), "in_chans": self.in_chans,
-                "embed_dim": self.embed_dim, "layer": self.layer}
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, object]) -> "Fingerprint":
-        try:
-            return cls(basis=torch.as_tensor(d["basis"], dtype=torch.float64), patch_size=tuple(d["patch_size"]),
-                       in_chans=int(d["in_chans"]), embed_dim=int(d["embed_dim"]), layer=str(d.get("layer", "")))
-        except (KeyError, TypeError, ValueError) as e:
-            raise NSPluginError(f"not a nullspace fingerprint ({e}); make one with fingerprint(model)") from None
+#: A nullspace fingerprint is the patch-embedding nullspace itself (:class:`ns_plugin.nullspace.exact.PatchNullspace`:
+#: ``basis``, patch geometry, ``to_dict``/``from_dict`` for saving).
+Fingerprint = PatchNullspace
 
 
 def fingerprint(model: nn.Module, *, tol: Optional[float] = None) -> Fingerprint:
     """The nullspace fingerprint of ``model`` (seed 000 §9). Raises :class:`NSPluginError` when the model has no
     non-overlapping patch projection or its patch embedding is full rank (nullity 0: nothing to compare)."""
     from ..nullspace.exact import exact_nullspace
-    if isinstance(model, Fingerprint):
+    if isinstance(model, PatchNullspace):
         return model
     ns = exact_nullspace(model, tol=tol)
     if ns.nullity == 0:
         raise NSPluginError(f"the patch embedding is full rank (embedding dim {ns.embed_dim} >= patch dim "
                             f"{ns.input_dim}): it has no nullspace, so there is no nullspace fingerprint")
-    return Fingerprint(basis=ns.basis.clone(), patch_size=tuple(ns.patch_size), in_chans=ns.in_chans,
-                       embed_dim=ns.embed_dim, layer=ns.layer)
+    return ns
 
 
 def _one_thread():

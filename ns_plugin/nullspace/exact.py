@@ -99,6 +99,24 @@ class PatchNullspace:
     def rank(self) -> int:
         return self.input_dim - self.nullity
 
+    def to_dict(self) -> Dict[str, object]:
+        """The basis and patch geometry as plain tensors/ints (``torch.save`` + ``weights_only`` loading work);
+        what a saved nullspace fingerprint holds."""
+        return {"basis": self.basis.clone(), "patch_size": list(self.patch_size), "in_chans": self.in_chans,
+                "embed_dim": self.embed_dim, "layer": self.layer}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, object]) -> "PatchNullspace":
+        """Inverse of :meth:`to_dict` (the embedding weight is not stored: ``weight`` is empty)."""
+        try:
+            basis = torch.as_tensor(d["basis"], dtype=torch.float64)
+            return cls(basis=basis, weight=torch.zeros(0, basis.shape[1], dtype=torch.float64),
+                       singular_values=torch.zeros(0, dtype=torch.float64), tol=float("nan"),
+                       patch_size=tuple(int(v) for v in d["patch_size"]), in_chans=int(d["in_chans"]),
+                       embed_dim=int(d["embed_dim"]), layer=str(d.get("layer", "")))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise NSPluginError(f"not a nullspace fingerprint ({e}); make one with fingerprint(model)") from None
+
     def __repr__(self) -> str:
         return (f"PatchNullspace(nullity={self.nullity}, input_dim={self.input_dim}, embed_dim={self.embed_dim}, "
                 f"patch_size={self.patch_size}, space={self.space!r})")
