@@ -57,7 +57,8 @@ def main(argv=None):
 
     target = x.roll(1, 0)
     for name, kw in [("targeted_all", {}), ("targeted_all_clip", {"box": "clip"}),
-                     ("targeted_red", {"channels": "red"}), ("targeted_red_embedding", {"channels": "red", "objective": "embedding"})]:
+                     ("targeted_red", {"channels": "red"}),
+                     ("targeted_red_embedding", {"channels": "red", "objective": "embedding"})]:
         atk = torchattacks.TargetedNullspace(model, **kw)
         run(name, atk, target_images=target)
         info = atk.last_info

@@ -52,7 +52,8 @@ class Registry:
         except KeyError:
             close = difflib.get_close_matches(str(name), list(self._items), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise NSPluginError(f"unknown {self.kind} {name!r}{hint} (known: {', '.join(sorted(self._items)) or 'none'})") from None
+            known = ", ".join(sorted(self._items)) or "none"
+            raise NSPluginError(f"unknown {self.kind} {name!r}{hint} (known: {known})") from None
 
     def build(self, name: str, *args, **kwargs):
         """``get(name)(*args, **kwargs)``."""

@@ -1,6 +1,5 @@
 """Proposition 1 checks (seed 001 §3.2, appendix B) and the Jacobian analysis (seed 004) on real timm layers
 and the trained embedded ViT."""
-import math
 
 import pytest
 import torch

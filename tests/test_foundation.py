@@ -29,7 +29,6 @@ def test_ecosystem_imports_in_one_process():
 
 def test_autoattack_shim_only_when_needed():
     from ns_plugin.integrations import robustbench as compat
-    import importlib.util
     compat.ensure_autoattack()
     import autoattack
     # here the real fra31 package is absent, so the adapter must be the one in use

@@ -27,7 +27,7 @@ TINY = {
 
 
 def test_config_errors_are_one_line():
-    from ns_plugin.evaluation.harness import load_comparison_config, validate_config
+    from ns_plugin.evaluation.harness import load_comparison_config
     with pytest.raises(NSPluginError, match="unknown key 'rnus'.*did you mean 'runs'"):
         load_comparison_config(None, rnus=[])
     with pytest.raises(NSPluginError, match="unknown trainer 'nss'"):

@@ -244,7 +244,7 @@ def evaluate_fingerprint(reference: Optional[nn.Module] = None, *, threshold: fl
     for a in (0.1, 0.3, 0.5):
         specs.append((f"patch_embed pruned {int(a * 100)}%", True, lambda a=a: prune(reference, a)))
     specs.append(("globally pruned 50%", True, lambda: prune(reference, 0.5, scope="global")))
-    specs.append((f"fine-tuned + patch_embed pruned 30%", True,
+    specs.append(("fine-tuned + patch_embed pruned 30%", True,
                   lambda: prune(finetune(reference, x, y, steps=finetune_steps, lr=5e-4, seed=13), 0.3)))
     for s in range(1, n_seeds + 1):
         specs.append((f"independently trained seed {s}", False,

@@ -27,7 +27,7 @@ each method, how similar one image's maps are to two references (e.g. transforme
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, List, Sequence, Union
 
 import torch
 import torch.nn.functional as F

@@ -374,7 +374,8 @@ def _solve(X, Wm, B, A, p, solver, maxiter, ftol, tol, progress, info):
             fails += not success
         # SLSQP's own iterate (before our exactness fix-up), to report its constraint violation honestly
         raw_obj = torch.as_tensor(_objective(U.numpy(), Wm.numpy(), p))
-        info.update(raw_patches=U.clone(), iterations=int(np.max(nits)) if nits else 0, mean_iterations=float(np.mean(nits)) if nits else 0.,
+        info.update(raw_patches=U.clone(), iterations=int(np.max(nits)) if nits else 0,
+                    mean_iterations=float(np.mean(nits)) if nits else 0.,
                     not_converged=fails, raw_objective=raw_obj,
                     raw_box_violation=float(torch.maximum(-U.min(), U.max() - 1).clamp_min(0)))
     elif p == 2:

@@ -8,8 +8,8 @@ from ._base import NSAttack, TargetImagesMixin
 class EmbeddingMatch(TargetImagesMixin, NSAttack):
     r"""
     Embedding matching from 'Intriguing Equivalence Structures of the Embedding Space of Vision Transformers'
-    (arXiv:2401.15568, Eq. 3-4; :func:`ns_plugin.anatomy.match_embedding`): perturb an input :math:`x_0` by gradient descent so that its representation matches a
-    target's,
+    (arXiv:2401.15568, Eq. 3-4; :func:`ns_plugin.anatomy.match_embedding`): perturb an input :math:`x_0` by
+    gradient descent so that its representation matches a target's,
 
     .. math:: L(x_0 + \Delta x) = \tfrac12 \|f(x_0 + \Delta x) - f(x_{tg})\|^2, \qquad
               \nabla L \approx J_f(x_0)^T (f(x_0 + \Delta x) - f(x_{tg})),
@@ -38,7 +38,8 @@ class EmbeddingMatch(TargetImagesMixin, NSAttack):
     ``pixel_change_linf``, and ``loss`` (Eq. 3, per image) and ``steps`` (steps run).
 
     Shape:
-        - images: :math:`(N, C, H, W)` where `N = number of batches`, `C = number of channels`,        `H = height` and `W = width`. It must have a range [0, 1].
+        - images: :math:`(N, C, H, W)` where `N = number of batches`, `C = number of channels`,
+          `H = height` and `W = width`. It must have a range [0, 1].
         - labels: :math:`(N)` (optional, only shape-checked).
         - output: :math:`(N, C, H, W)`.
 

@@ -37,7 +37,8 @@ class NullspaceNoise(NSAttack):
     ``pred_match`` (fraction of unchanged predictions).
 
     Shape:
-        - images: :math:`(N, C, H, W)` where `N = number of batches`, `C = number of channels`,        `H = height` and `W = width`. It must have a range [0, 1].
+        - images: :math:`(N, C, H, W)` where `N = number of batches`, `C = number of channels`,
+          `H = height` and `W = width`. It must have a range [0, 1].
         - labels: :math:`(N)` (optional, unused except for the shape check).
         - output: :math:`(N, C, H, W)`.
 

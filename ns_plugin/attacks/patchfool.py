@@ -69,7 +69,8 @@ class PatchFool(NSAttack):
     After a call, ``atk.last_info`` holds ``patch_index`` (N, patches) and ``loss`` (final cross-entropy).
 
     Shape:
-        - images: :math:`(N, C, H, W)` where `N = number of batches`, `C = number of channels`,        `H = height` and `W = width`. It must have a range [0, 1].
+        - images: :math:`(N, C, H, W)` where `N = number of batches`, `C = number of channels`,
+          `H = height` and `W = width`. It must have a range [0, 1].
         - labels: :math:`(N)` where each value :math:`y_i` is :math:`0 \leq y_i \leq` `number of labels`.
         - output: :math:`(N, C, H, W)`.
 
@@ -209,7 +210,6 @@ class PatchFool(NSAttack):
         """The patch mask, or for Sparse Patch-Fool its top-k pixels (straight-through to the learnt scores)."""
         if pix_logit is None:
             return mask
-        n = mask.shape[0]
         flat = pix_logit.flatten(1)
         thr = flat.topk(self.sparse_pixels, dim=1).values[:, -1:]
         hard = (flat >= thr).float().view_as(pix_logit)

@@ -48,7 +48,8 @@ class TargetedNullspace(TargetImagesMixin, NSAttack):
     and ``max_logit_diff`` (source vs output).
 
     Shape:
-        - images: :math:`(N, C, H, W)` where `N = number of batches`, `C = number of channels`,        `H = height` and `W = width`. It must have a range [0, 1].
+        - images: :math:`(N, C, H, W)` where `N = number of batches`, `C = number of channels`,
+          `H = height` and `W = width`. It must have a range [0, 1].
         - labels: :math:`(N)` (optional, only shape-checked: the attack keeps the model's prediction).
         - output: :math:`(N, C, H, W)`.
 

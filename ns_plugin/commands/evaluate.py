@@ -14,7 +14,6 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    import torch
     from ..data import image_folder, load_digits, tensors
     from ..models import accuracy
     from ..models import input_size

@@ -44,7 +44,6 @@ def _folder(path, model):
 
 
 def run(args) -> int:
-    import torch
     from ..checkpoint import atomic_save
     from ..data import load_digits
     from ..errors import NSPluginError

@@ -1,5 +1,5 @@
-"""EasyRobust integration: a ``train_one_epoch`` with the signature of EasyRobust's (and timm's) training scripts, so such a script
-can train with any registered ns_plugin method by swapping one import::
+"""EasyRobust integration: a ``train_one_epoch`` with the signature of EasyRobust's (and timm's) training
+scripts, so such a script can train with any registered ns_plugin method by swapping one import::
 
     from ns_plugin.integrations.easyrobust import train_one_epoch   # or ns_plugin.train_one_epoch
     args.ns_method = "ns"            # or standard / random / madry / trades / dat / dat_ns
