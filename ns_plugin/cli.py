@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import logging
 import sys
 import warnings
 from typing import List, Optional
@@ -36,8 +37,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.Handler):
+    """Prints ns_plugin's log records on the current ``sys.stderr`` (looked up at each record)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"ns-plugin: {record.getMessage()}", file=sys.stderr)
+
+
+def _show_library_messages() -> None:
+    """The library reports through ``logging`` (logger ``ns_plugin``); the CLI shows its INFO messages."""
+    lg = logging.getLogger("ns_plugin")
+    if not any(isinstance(h, _StderrHandler) for h in lg.handlers):
+        lg.addHandler(_StderrHandler())
+    lg.setLevel(logging.INFO)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
+    _show_library_messages()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
