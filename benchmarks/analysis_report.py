@@ -1,10 +1,10 @@
 """Run the analyses of issue 7 on the embedded default (tiny ViT on digits) and write figures.
 
-* Proposition 1 (seed 001 §3.2, app. B) on every attention layer of the trained model and on a Remark-1
+* Proposition 1 (arXiv:2403.10476 §3.2, app. B) on every attention layer of the trained model and on a Remark-1
   layer built to satisfy it.
-* Jacobian study (seed 004): singular values, Eq. 7 Lipschitz estimates along singular / random / null
+* Jacobian study (arXiv:2401.15568): singular values, Eq. 7 Lipschitz estimates along singular / random / null
   directions (Figs 3-4), embedding matching with cosine per step (Fig. 5), interpolation (Fig. 6).
-* Targeted nullspace triplets (seed 000 §7, A.3-A.4) with saliency maps (Fig. 5 / Fig. 7 style).
+* Targeted nullspace triplets (OpenReview:d8VrVfNARSy §7, A.3-A.4) with saliency maps (Fig. 5 / Fig. 7 style).
 
 Usage::
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run one of the paper's comparisons from a YAML config (seed 001 Tables 2-4).
+"""Run one of the paper's comparisons from a YAML config (arXiv:2403.10476 Tables 2-4).
 
     python benchmarks/compare.py benchmarks/configs/compare/ns_vs_baseline.yaml --out results/ns_vs_baseline
 

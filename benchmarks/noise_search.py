@@ -1,4 +1,4 @@
-"""Cost of the ε-approximate noise search (seed 001, Eq. 8 / Algorithm 1 lines 3-14), faithful vs fast.
+"""Cost of the ε-approximate noise search (arXiv:2403.10476, Eq. 8 / Algorithm 1 lines 3-14), faithful vs fast.
 
 On the embedded default (cached trained tiny ViT, digits train split) this simulates the rounds of NS
 fine-tuning (Alg. 1: a noise search, then S model steps on CE(clean) + CE(clean + noise)) and, on the same

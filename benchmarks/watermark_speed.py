@@ -1,4 +1,4 @@
-"""Watermarking (seed 000 Eq. 7): the paper's SciPy SLSQP (5000 iterations per patch) against the exact
+"""Watermarking (OpenReview:d8VrVfNARSy Eq. 7): the paper's SciPy SLSQP (5000 iterations per patch) against the exact
 batched solvers of :mod:`ns_plugin.applications.watermark`, on the SAME patches, for p = 2 and p = 1.
 
 Prints, per p: wall time of both, the time ratio SLSQP / exact, the summed objectives (exact must be <= SLSQP

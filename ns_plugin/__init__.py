@@ -26,7 +26,7 @@ _LAZY = {
     "save_checkpoint": "ns_plugin.checkpoint",
     "load_checkpoint": "ns_plugin.checkpoint",
     "read_checkpoint": "ns_plugin.checkpoint",
-    # exact nullspace (seed 001 §3.1) and the approximate, encoder-level noise (§3.2-4)
+    # exact nullspace (arXiv:2403.10476 §3.1) and the approximate, encoder-level noise (§3.2-4)
     "exact_nullspace": "ns_plugin.nullspace.exact",
     "verify_invariance": "ns_plugin.nullspace.exact",
     "inject_noise": "ns_plugin.anatomy",

@@ -1,6 +1,6 @@
 """Anatomy of a ViT: where the encoder-level nullspace noise goes.
 
-The ε-approximate nullspace noise of the NS-ViT paper (seed 001, §3.2-3.3, Eq. 3-8, Algorithm 1 line 7)
+The ε-approximate nullspace noise of the NS-ViT paper (arXiv:2403.10476, §3.2-3.3, Eq. 3-8, Algorithm 1 line 7)
 is one tensor ``v`` of shape ``(1, N_patches, D)``, broadcast over the batch and added to the output
 of the patch embedding ``U = f_e(X)``: ``Z' = f_psi(f_phi^0(U + [v]))``.  As in the reference code, it is
 added *before* the cls (and distillation) token is prepended and before the position embedding, so the
@@ -17,7 +17,7 @@ Two ways in, both anchored on timm's own seams instead of a re-implemented forwa
   embedding of a batch can be computed once and shared between the clean and the noisy pass.
 
 Models without a ``patch_embed`` (CNNs...) have no encoder-level token space; for them use the
-input-level variant :func:`ns_plugin.nullspace.search.search_input_noise` (seed 000, §5.3).
+input-level variant :func:`ns_plugin.nullspace.search.search_input_noise` (OpenReview:d8VrVfNARSy, §5.3).
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def _param_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
 
 def token_shape(model: nn.Module) -> Tuple[int, int]:
     """``(N_patches, D)``: the shape (without the batch dimension) of the patch-embedding output, i.e. of
-    the encoder-level noise (seed 001, Alg. 1 line 7; 1x196x768 for ViT-B/16 at 224)."""
+    the encoder-level noise (arXiv:2403.10476, Alg. 1 line 7; 1x196x768 for ViT-B/16 at 224)."""
     pe = patch_embed_of(model)
     n = getattr(pe, "num_patches", None)
     proj = getattr(pe, "proj", None)
@@ -114,7 +114,7 @@ def _add(out, noise: torch.Tensor):
 @contextlib.contextmanager
 def inject_noise(model: nn.Module, noise: Optional[torch.Tensor]) -> Iterator[nn.Module]:
     """Add ``noise`` (``(1, N_patches, D)``, broadcast over the batch) to the patch-embedding output of
-    ``model`` while the ``with`` block runs (seed 001, Alg. 1 line 7: ``f_psi(f_phi^0(U + [v]))``).
+    ``model`` while the ``with`` block runs (arXiv:2403.10476, Alg. 1 line 7: ``f_psi(f_phi^0(U + [v]))``).
 
     The noise enters *after* ``patch_embed`` and *before* the cls/dist token is prepended and the position
     embedding added, so the cls token is never perturbed.  Inside the block a plain ``model(x)`` returns the
@@ -139,7 +139,7 @@ def inject_noise(model: nn.Module, noise: Optional[torch.Tensor]) -> Iterator[nn
 class ViTAnatomy(nn.Module):
     """``model(x) == head(encode(embed(x)))`` for a timm ``VisionTransformer`` (wrapped or not in
     ``Sequential(Normalize, net)`` / DDP), with the encoder-level noise entering between ``embed`` and
-    ``encode`` (seed 001, Eq. 7: ``f_psi(f_phi^0(u + v))`` with ``u = f_e(x)``).
+    ``encode`` (arXiv:2403.10476, Eq. 7: ``f_psi(f_phi^0(u + v))`` with ``u = f_e(x)``).
 
     * ``embed(x)``: images in [0, 1] -> normalise -> ``patch_embed`` -> tokens ``(N, N_patches, D)``.
     * ``encode(tokens, noise=None)``: ``tokens + noise`` -> ``_pos_embed`` (prepends cls/dist tokens, adds the

@@ -1,4 +1,4 @@
-"""Encoder-level ε-approximate nullspace noise (seed 001 Eq. 7-8, Alg. 1) on real timm models."""
+"""Encoder-level ε-approximate nullspace noise (arXiv:2403.10476 Eq. 7-8, Alg. 1) on real timm models."""
 import json
 import socket
 

@@ -68,7 +68,7 @@ def test_method_trains_through_the_shared_loop(method, model, digits):
         for r in log:  # the noise entered the eps region every round, and it is a large noise
             assert r["reached"] and r["mse_prob"] < 0.03 and r["noise_norm"] > 1.0
         assert "ce_noise" in log[-1]
-    if method == "random":  # 001 Table 4: random direction, same norm as the learnt noise
+    if method == "random":  # arXiv:2403.10476 Table 4: random direction, same norm as the learnt noise
         for r in log:
             assert r["noise_norm"] == pytest.approx(r["learnt_noise_norm"], rel=1e-4)
             assert r["learnt_mse_prob"] < 0.03

@@ -1,4 +1,4 @@
-"""Local structure of a ViT representation (seed 004 "Intriguing Equivalence Structures of the Embedding
+"""Local structure of a ViT representation (arXiv:2401.15568 "Intriguing Equivalence Structures of the Embedding
 Space of Vision Transformers", §"Proposed Framework" and "Experiments").
 
 * :func:`representation` turns a classifier (``Sequential(Normalize, timm ViT)``) into ``f: images -> R^n``
@@ -59,7 +59,7 @@ def jacobian_nbytes(n_out: int, n_in: int, dtype: torch.dtype = torch.float64) -
 
 
 def jacobian(f: Rep, x: torch.Tensor, *, chunk_size: Optional[int] = 16, max_bytes: int = 1 << 30) -> torch.Tensor:
-    """Jacobian ``df/dx`` of a representation at one image (seed 004 Eq. 4-5), shape ``(n, C*H*W)``.
+    """Jacobian ``df/dx`` of a representation at one image (arXiv:2401.15568 Eq. 4-5), shape ``(n, C*H*W)``.
 
     Computed with ``torch.func.jacrev`` in chunks of ``chunk_size`` output dimensions (each chunk is one
     vmapped backward pass, so peak memory is about ``chunk_size`` times one backward pass plus the matrix
@@ -93,7 +93,7 @@ def jacobian(f: Rep, x: torch.Tensor, *, chunk_size: Optional[int] = 16, max_byt
 
 def local_spaces(J: torch.Tensor, *, rtol: Optional[float] = None, n_null: int = 0, n_weak: int = 0,
                  generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-    """Reduced SVD ``J = U S V^T`` and the local normal / null spaces (seed 004 Eq. 5).
+    """Reduced SVD ``J = U S V^T`` and the local normal / null spaces (arXiv:2401.15568 Eq. 5).
 
     Args:
         J: ``(n, m)`` Jacobian with ``m > n`` typically.
@@ -125,7 +125,7 @@ def local_spaces(J: torch.Tensor, *, rtol: Optional[float] = None, n_null: int =
 @torch.no_grad()
 def directional_lipschitz(f: Rep, x: torch.Tensor, directions: torch.Tensor, *, eps: float = 1e-2,
                           n_points: int = 5, batch_size: int = 64) -> torch.Tensor:
-    """Local directional Lipschitz constants (seed 004 Eq. 7), one per direction.
+    """Local directional Lipschitz constants (arXiv:2401.15568 Eq. 7), one per direction.
 
     ``L(u) = max_{alpha != beta} ||f(x + beta u) - f(x + alpha u)|| / |beta - alpha|`` over the grid
     ``alpha, beta in linspace(-eps, eps, n_points)``; ``u`` is normalised to unit length first.
@@ -159,7 +159,7 @@ def lipschitz_profile(f: Rep, x: torch.Tensor, *, J: Optional[torch.Tensor] = No
                       n_random: int = 16, n_null: int = 16, eps: float = 1e-2, n_points: int = 5,
                       seed: int = 0, chunk_size: Optional[int] = 16, max_bytes: int = 1 << 30) -> Dict:
     """Singular values of the Jacobian and Eq. 7 estimates along the top ``n_top`` right singular vectors,
-    ``n_random`` Gaussian directions and ``n_null`` random null-space directions (seed 004 Figs 3-4).
+    ``n_random`` Gaussian directions and ``n_null`` random null-space directions (arXiv:2401.15568 Figs 3-4).
 
     Returns a dict of lists: ``singular_values``, ``rank``, ``null_dim``, ``L_singular`` (aligned with the
     first ``n_top`` singular values, which they should match when the linear model of Eq. 5 holds),
@@ -184,14 +184,14 @@ def embedding_matching(f: Rep, x0: torch.Tensor, x_target: Union[torch.Tensor, N
                        target_embedding: Optional[torch.Tensor] = None, steps: int = 500, lr: float = 0.01,
                        optimizer: str = "sgd", clamp: bool = True, classifier: Optional[nn.Module] = None,
                        record_every: int = 1, progress: bool = False) -> Dict:
-    """Embedding matching procedure (seed 004 Eq. 3-4): gradient descent on
+    """Embedding matching procedure (arXiv:2401.15568 Eq. 3-4): gradient descent on
     ``L(x) = 1/2 ||f(x) - f(x_tg)||^2`` starting from ``x0``.
 
     Args:
         f: representation (see :func:`representation`).
         x0: starting image ``(C, H, W)`` / ``(1, C, H, W)`` in [0, 1].
         x_target: image whose embedding is matched (or give ``target_embedding`` directly).
-        steps, lr: number of steps and learning rate (seed 004 reports 1e-3 ... 9e-2 all converge).
+        steps, lr: number of steps and learning rate (arXiv:2401.15568 reports 1e-3 ... 9e-2 all converge).
         optimizer: ``"sgd"`` (plain gradient descent, as in the paper) or ``"adam"``.
         clamp: keep the image in [0, 1] after each step.
         classifier: optional model whose predicted class is recorded per step (with ``x`` in [0, 1]).
@@ -250,7 +250,7 @@ def embedding_matching(f: Rep, x0: torch.Tensor, x_target: Union[torch.Tensor, N
 
 @torch.no_grad()
 def interpolation_curve(f: Rep, a: torch.Tensor, b: torch.Tensor, *, n: int = 21) -> Dict[str, list]:
-    """Embeddings along the straight path ``x(t) = (1 - t) a + t b`` (seed 004 Fig. 6): cosine similarity of
+    """Embeddings along the straight path ``x(t) = (1 - t) a + t b`` (arXiv:2401.15568 Fig. 6): cosine similarity of
     ``f(x(t))`` with ``f(a)`` and with ``f(b)`` for ``t`` in ``linspace(0, 1, n)``."""
     a, b = _as_image(a, "a"), _as_image(b, "b")
     if a.shape != b.shape:

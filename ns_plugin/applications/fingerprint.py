@@ -1,6 +1,6 @@
-"""Model fingerprinting ("patenting") by the patch-embedding nullspace (seed 000 §9).
+"""Model fingerprinting ("patenting") by the patch-embedding nullspace (OpenReview:d8VrVfNARSy §9).
 
-Seed 000 §9 suggests that the nullspace "will be a unique property of any set of weights" and can serve to
+OpenReview:d8VrVfNARSy §9 suggests that the nullspace "will be a unique property of any set of weights" and can serve to
 "patent" a trained ViT without any extra step during training. We make that concrete:
 
 * **Fingerprint**: the orthonormal basis ``N`` (``m x n``, ``n = c·rh·rw``) of the nullspace of the patch
@@ -51,7 +51,7 @@ Fingerprint = PatchNullspace
 
 
 def fingerprint(model: nn.Module, *, tol: Optional[float] = None) -> Fingerprint:
-    """The nullspace fingerprint of ``model`` (seed 000 §9). Raises :class:`NSPluginError` when the model has no
+    """The nullspace fingerprint of ``model`` (OpenReview:d8VrVfNARSy §9). Raises :class:`NSPluginError` when the model has no
     non-overlapping patch projection or its patch embedding is full rank (nullity 0: nothing to compare)."""
     from ..nullspace.exact import exact_nullspace
     if isinstance(model, PatchNullspace):

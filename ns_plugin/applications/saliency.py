@@ -1,4 +1,4 @@
-"""Saliency maps for timm vision transformers, without editing timm (seed 000 §7 Fig. 5b and A.4 Fig. 7).
+"""Saliency maps for timm vision transformers, without editing timm (OpenReview:d8VrVfNARSy §7 Fig. 5b and A.4 Fig. 7).
 
 Three methods, each returning one map per image on the patch grid ``(N, gh, gw)``:
 
@@ -14,7 +14,7 @@ Three methods, each returning one map per image on the patch grid ``(N, gh, gw)`
   ``R <- R + mean_h((dy_c/dA ⊙ A)^+) R``; the map is the cls row over the patch tokens). This is the
   gradient x attention rule of Chefer, Gur & Wolf, "Generic Attention-model Explainability" (ICCV 2021),
   which is the LRP-free form of their CVPR 2021 "Transformer Interpretability Beyond Attention
-  Visualization" (there the attention maps are replaced by their LRP relevances). Seed 000 calls the
+  Visualization" (there the attention maps are replaced by their LRP relevances). OpenReview:d8VrVfNARSy calls the
   CVPR method "LRP" and shows it in Fig. 5b.
 
 Attention maps are captured with hooks: timm 1.x ``Attention`` computes attention with the fused

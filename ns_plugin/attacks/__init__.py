@@ -4,8 +4,8 @@ inputs and outputs images in [0, 1]).
 =====================  ==========================================================================
 ``PatchFool``          Fu et al., ICLR 2022: attention-aware patch attack (+ mild / sparse variants)
 ``NullspaceNoise``     exact patch-embedding nullspace noise: predictions unchanged (sanity check)
-``TargetedNullspace``  seed 000 §7 / A.3: look like a target, be classified like the source
-``EmbeddingMatch``     seed 004 Eq. 3-4: match a target's representation by gradient descent
+``TargetedNullspace``  OpenReview:d8VrVfNARSy §7 / A.3: look like a target, be classified like the source
+``EmbeddingMatch``     arXiv:2401.15568 Eq. 3-4: match a target's representation by gradient descent
 ``DamageNet``          a pre-generated adversarial set (folder of images + labels) served as an attack
 =====================  ==========================================================================
 

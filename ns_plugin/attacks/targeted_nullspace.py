@@ -7,7 +7,7 @@ from ._base import NSAttack, TargetImagesMixin, project_box_nullspace
 class TargetedNullspace(TargetImagesMixin, NSAttack):
     r"""
     Targeted nullspace noise from 'Nullspace of Vision Transformers and what does it tell us?' (Liu et al.;
-    seed 000 §6 Eq. 7, §7 and appendix A.2-A.3): make a source image look like a target image while the
+    OpenReview:d8VrVfNARSy §6 Eq. 7, §7 and appendix A.2-A.3): make a source image look like a target image while the
     model still sees the source, by moving it only along the patch-embedding nullspace.
 
     Per patch, Eq. 7 asks for nullspace coefficients :math:`\lambda` with

@@ -1,11 +1,11 @@
-"""``ns-plugin watermark``: output-preserving watermarking with the patch-embedding nullspace (seed 000 §6,
-Eq. 7, A.2; seed 001 appendix E)."""
+"""``ns-plugin watermark``: output-preserving watermarking with the patch-embedding nullspace (OpenReview:d8VrVfNARSy §6,
+Eq. 7, A.2; arXiv:2403.10476 appendix E)."""
 from __future__ import annotations
 
 import json
 
 HELP = ("watermark IMAGE with WATERMARK inside the model's patch-embedding nullspace, so the model's output "
-        "is unchanged (seed 000 Eq. 7); the watermark is resized to the image size")
+        "is unchanged (OpenReview:d8VrVfNARSy Eq. 7); the watermark is resized to the image size")
 
 
 def add_model_choice(p, *, flag: str = "--model") -> None:

@@ -1,4 +1,4 @@
-"""The comparison harness behind ``ns-plugin demo`` and ``benchmarks/compare.py`` (seed 001 Tables 2-4, Fig. 4).
+"""The comparison harness behind ``ns-plugin demo`` and ``benchmarks/compare.py`` (arXiv:2403.10476 Tables 2-4, Fig. 4).
 
 One config (YAML or dict) names the data, the starting model, the shared training settings, the list of
 fine-tuning runs and the evaluation. The harness then

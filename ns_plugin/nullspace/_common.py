@@ -181,7 +181,7 @@ def uniform_noise(shape: Sequence[int], lim: float = 3.0, *, generator=None,
 
 
 def permuted(noise: torch.Tensor, *, generator=None) -> torch.Tensor:
-    """The same values as ``noise`` at randomly permuted positions (the control of seed 001 Fig. 3)."""
+    """The same values as ``noise`` at randomly permuted positions (the control of arXiv:2403.10476 Fig. 3)."""
     g = _generator(generator)
     flat = noise.detach().reshape(-1)
     idx = torch.randperm(flat.numel(), generator=g, device=_gen_device(g)).to(flat.device)

@@ -1,4 +1,4 @@
-"""Exact nullspace of a ViT's patch embedding (seed 001 §3.1, Eq. 2 and Table 1; seed 000 §3).
+"""Exact nullspace of a ViT's patch embedding (arXiv:2403.10476 §3.1, Eq. 2 and Table 1; OpenReview:d8VrVfNARSy §3).
 
 A patch embedding with kernel == stride and no padding applies one linear map ``W: R^{c·rh·rw} -> R^d`` to
 every patch independently. When ``c·rh·rw > d`` (rank-nullity) it has a non-trivial nullspace, and any
@@ -277,7 +277,7 @@ def box_scale(x: torch.Tensor, v: torch.Tensor, *, start_dim: int = 1, tiny: flo
 
 
 def exact_nullspace(model: nn.Module, *, tol: Optional[float] = None, space: str = "pixel") -> PatchNullspace:
-    """Compute the patch-embedding nullspace of ``model`` by SVD (seed 001 §3.1, Table 1).
+    """Compute the patch-embedding nullspace of ``model`` by SVD (arXiv:2403.10476 §3.1, Table 1).
 
     Args:
         model: a timm ViT-style model, optionally ``Sequential(Normalize, model)``; DDP wrappers are fine.
@@ -383,7 +383,7 @@ def table1(names: Iterable[str], *, progress: bool = False) -> List[Dict[str, ob
     return rows
 
 
-#: The rows of the paper's Table 1 (seed 001) as timm names, with the nullity the paper reports.
+#: The rows of the paper's Table 1 (arXiv:2403.10476) as timm names, with the nullity the paper reports.
 PAPER_TABLE1 = {
     "vit_tiny_patch16_224": 576, "vit_small_patch32_224": 2688, "vit_small_patch16_224": 384,
     "vit_base_patch32_224": 2304, "vit_base_patch16_224": 2, "vit_base_patch8_224": 0,
@@ -393,8 +393,8 @@ PAPER_TABLE1 = {
 
 def figure2(model: nn.Module, out, *, x: Optional[torch.Tensor] = None, scale: Optional[float] = None,
             n: int = 4, seed: int = 0) -> Dict[str, object]:
-    """Fig. 2 of seed 001 / Fig. 1 of 000: image, nullspace noise, noisy image and the predictions, for ``n``
-    images (default: digits test images). Writes a PNG atomically and returns the measured numbers.
+    """Fig. 2 of arXiv:2403.10476 / Fig. 1 of OpenReview:d8VrVfNARSy: image, nullspace noise, noisy image and
+    the predictions, for ``n`` images (default: digits test images). Writes a PNG atomically and returns the measured numbers.
 
     ``scale`` is the coefficient scale of :meth:`PatchNullspace.sample`; by default it gives a per-pixel noise
     std of 0.1. The model sees ``x + v`` unclipped (exact invariance); the figure also reports the prediction on
