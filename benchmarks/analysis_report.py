@@ -196,7 +196,10 @@ def main(argv=None) -> int:
     ap.add_argument("--match-steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=0.01, help="embedding-matching learning rate (plain GD)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="2 triplets, 1 Jacobian, 10 matching steps (a smoke run)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.n_triplets, args.n_jacobians, args.match_steps = 2, 1, 10
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     from ns_plugin.data import load_digits
     from ns_plugin.embedded import default_model

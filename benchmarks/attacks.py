@@ -17,7 +17,10 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=64, help="test images (default 64)")
     p.add_argument("--steps", type=int, default=250, help="PatchFool steps (default 250, the paper's)")
     p.add_argument("--match-steps", type=int, default=300, help="EmbeddingMatch steps (default 300)")
+    p.add_argument("--quick", action="store_true", help="8 images, 3 PatchFool and 5 matching steps (a smoke run)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.steps, args.match_steps = 8, 3, 5
 
     import ns_plugin
     import torchattacks

@@ -39,7 +39,10 @@ def main(argv=None) -> int:
     p.add_argument("--expand", type=float, default=None, help="warm-start growth factor (default: search_noise's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded machine)")
+    p.add_argument("--quick", action="store_true", help="2 rounds, 2 fine-tune steps, batch 32, eps 0.3 (a smoke run)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.finetune_steps, args.batch_size, args.eps, args.max_steps = 2, 2, 32, 0.3, 200
 
     import torch
     import torch.nn.functional as F
