@@ -23,7 +23,7 @@ def run(script, *args, cwd=None):
 def test_compare_quick(tmp_path):
     res = run("compare.py", "--quick", "--quiet", "--out", tmp_path / "cmp")
     assert set(res["rows"]) == {"ViT", "ViT + NS"}
-    assert 0 <= res["rows"]["ViT"]["Clean"] <= 100 and res["rows"]["ViT"]["Clean"] > 50  # a trained model
+    assert res["rows"]["ViT"]["Clean"] > 50  # the trained default, evaluated
     assert (tmp_path / "cmp" / "tables.md").is_file()
 
 
