@@ -31,7 +31,7 @@ def quick_overrides(cfg):
 
 
 def main(argv=None) -> int:
-    from ns_plugin.errors import NSPluginError
+    from ns_plugin.cli import guarded
     from ns_plugin.evaluation.harness import load_comparison_config, run_comparison
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -42,21 +42,19 @@ def main(argv=None) -> int:
                    help="the config's first two runs, 1 round of 2 steps, 16 attacked images, one corruption "
                         "(a smoke run of the whole pipeline)")
     a = p.parse_args(argv)
-    try:
+
+    def body() -> int:
         cfg = load_comparison_config(a.config)
         if a.quick:
             cfg = load_comparison_config(a.config, **quick_overrides(cfg))
         out = a.out or str(Path("results") / cfg["name"])
         res = run_comparison(cfg, out, progress=not a.quiet)
-    except NSPluginError as e:
-        print(f"compare.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: partial results are marked partial; rerun the same command to resume", file=sys.stderr)
-        return 130
-    print(res["tables"])
-    print(json.dumps({"config": a.config, "out": out, "seconds": res["seconds_this_call"], "rows": res["rows"]}))
-    return 0
+        print(res["tables"])
+        print(json.dumps({"config": a.config, "out": out, "seconds": res["seconds_this_call"], "rows": res["rows"]}))
+        return 0
+
+    return guarded(body, "compare.py",
+                   interrupted="interrupted: partial results are marked partial; rerun the same command to resume")
 
 
 if __name__ == "__main__":

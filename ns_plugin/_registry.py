@@ -1,4 +1,4 @@
-"""The registry type (name -> factory) and the plugin's registries: noise generators, trainers, attacks.
+"""The registry type (name -> factory) and the plugin's registries: trainers and attacks.
 
 Bottom layer: imports nothing of ns_plugin but :mod:`ns_plugin.errors`. Training methods fill
 :data:`trainers` when :mod:`ns_plugin.training` is imported (as timm's model modules fill its registry);
@@ -79,7 +79,6 @@ class Registry:
         return f"Registry({self.kind!r}, {self.names()})"
 
 
-#: The three registries the plugin exposes.
-noise_generators = Registry("noise generator")
+#: The registries the plugin exposes.
 trainers = Registry("trainer")
 attacks = Registry("attack")

@@ -8,7 +8,7 @@ import importlib.util
 import logging
 import sys
 import warnings
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from .errors import NSPluginError
 
@@ -60,13 +60,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    return guarded(lambda: args._run(args))
+
+
+def guarded(run: Callable[[], Optional[int]], prog: str = "ns-plugin", *, interrupted: str = "interrupted") -> int:
+    """``run()``'s exit code; an :class:`NSPluginError` becomes one line ``PROG: error: ...`` and exit 2, Ctrl-C
+    one line and exit 130 (used by ``ns-plugin`` and the benchmark scripts)."""
     try:
-        return int(args._run(args) or 0)
+        return int(run() or 0)
     except NSPluginError as e:
-        print(f"ns-plugin: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ns-plugin: interrupted", file=sys.stderr)
+        print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
 
 
