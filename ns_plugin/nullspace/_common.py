@@ -71,6 +71,15 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _prepare(model: nn.Module, generator):
+    """``(generator, unwrapped model, its device)`` for a search: the generator from an int seed, the model
+    without DDP/DataParallel wrappers (never search through DDP: its forward runs collectives)."""
+    from ..models import strip_parallel
+    g = _generator(generator)
+    net = strip_parallel(model)
+    return g, net, _device(net)
+
+
 def _positive(name: str, value, *, integer: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
     if integer:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import NSPluginError
-from ._common import NoiseRecord, _Batches, _Forward, _device, _diverged, _generator, _positive, frozen, uniform_noise
+from ._common import NoiseRecord, _Batches, _Forward, _diverged, _positive, _prepare, frozen, uniform_noise
 from .metrics import mse_prob, noise_quality
 
 __all__ = ["learn_noise_regularized", "lim_sweep"]
@@ -34,7 +34,6 @@ def learn_noise_regularized(model: nn.Module, data, *, lam: float = 0.0, lim: fl
     """
     from tqdm.auto import tqdm
     from ..anatomy import token_shape
-    from ..models import strip_parallel
 
     for name, val in (("lim", lim), ("lr", lr), ("p", p), ("eps", eps)):
         _positive(name, val)
@@ -44,9 +43,7 @@ def learn_noise_regularized(model: nn.Module, data, *, lam: float = 0.0, lim: fl
         raise NSPluginError(f"lam must be a finite number >= 0, got {lam!r}")
     if level not in ("encoder", "input"):
         raise NSPluginError(f"level must be 'encoder' or 'input', got {level!r}")
-    g = _generator(generator)
-    net = strip_parallel(model)
-    dev = _device(net)
+    g, net, dev = _prepare(model, generator)
     t0 = time.perf_counter()
     with frozen(model):
         batches = _Batches(data, net, batch_size, g)

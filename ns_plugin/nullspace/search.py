@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from ..errors import NSPluginError
-from ._common import (NoiseRecord, _Batches, _Forward, _check_input_noise, _device, _diverged, _generator,
-                      _positive, frozen, permuted, uniform_noise)
+from ._common import (NoiseRecord, _Batches, _Forward, _check_input_noise, _diverged, _positive, _prepare, frozen,
+                      permuted, uniform_noise)
 from .metrics import logit_loss, mse_prob
 
 __all__ = ["NoiseRecord", "search_noise", "search_input_noise", "uniform_noise", "permuted", "MODES"]
@@ -47,7 +47,6 @@ def _search(model, data, *, level, eps, lim, lr, max_steps, init, expand, max_ex
             generator, mode, weight_decay, progress, desc) -> Tuple[torch.Tensor, NoiseRecord]:
     from tqdm.auto import tqdm
     from ..anatomy import check_noise
-    from ..models import strip_parallel
 
     _positive("eps", eps)
     _positive("lim", lim)
@@ -65,9 +64,7 @@ def _search(model, data, *, level, eps, lim, lr, max_steps, init, expand, max_ex
         raise NSPluginError(f"weight_decay must be >= 0, got {weight_decay!r}")
     if not isinstance(model, nn.Module):
         raise NSPluginError(f"expected a torch.nn.Module model, got {type(model).__name__}")
-    g = _generator(generator)
-    net = strip_parallel(model)
-    dev = _device(net)
+    g, net, dev = _prepare(model, generator)
     t0 = time.perf_counter()
     with frozen(model):
         if level == "encoder":
