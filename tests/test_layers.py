@@ -73,3 +73,21 @@ def test_only_integrations_write_into_other_packages():
             if needle in text:
                 bad.append(f"{f.relative_to(PKG.parent)}: {needle}")
     assert not bad, bad
+
+
+def test_readme_module_map_matches_the_tree():
+    """Every module is in the README's module map (by path, or by its folder for attacks/, applications/...),
+    and every path the map names exists."""
+    import re
+    readme = (PKG.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Module map"):]
+    section = section[:section.index("\n## ")]
+    named = set(re.findall(r"`([\w/]+(?:\.py|/))`", section))
+    assert named, "no module map found"
+    for path in named:
+        assert (PKG / path).exists(), f"README module map names {path}, which does not exist"
+    for f in sorted(PKG.rglob("*.py")):
+        rel = f.relative_to(PKG).as_posix()
+        if rel in ("__init__.py", "__main__.py") or (f.name == "__init__.py" and rel != "integrations/__init__.py"):
+            continue
+        assert rel in named or rel.split("/")[0] + "/" in named, f"{rel} is missing from the README module map"
