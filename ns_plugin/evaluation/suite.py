@@ -16,7 +16,7 @@ Precision: clean and corruption/shift accuracies run under ``torch.inference_mod
 (fp32 unless the caller casts it); attacks run in fp32 (torchattacks' gradients; no autocast), batch by
 batch on the model's device.
 
-The paper's average (seed 001 §5.2, Table 2): the mean over all reported settings, with ImageNet-C entering
+The paper's average (arXiv:2403.10476 §5.2, Table 2): the mean over all reported settings, with ImageNet-C entering
 as ``100 - mCE``.
 """
 from __future__ import annotations
@@ -110,10 +110,12 @@ def loader_counts(model: nn.Module, batches: Iterable, *, evaluator: str = "eval
 
 
 def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy in percent of in-memory images ``x`` (in [0, 1]) with labels ``y``."""
-    batches = ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size))
-    correct, seen = loader_counts(model, batches)
-    return 100.0 * correct / max(1, seen)
+    """Top-1 accuracy in percent (:func:`ns_plugin.models.accuracy` x 100, under ``inference_mode``), model left
+    in eval mode."""
+    from ..models import accuracy
+    model.eval()
+    with torch.inference_mode():
+        return 100.0 * accuracy(model, x, y, batch_size)
 
 
 def _quiet(fn: Callable, *args, **kw):
@@ -221,7 +223,7 @@ def attack_accuracy(model: nn.Module, attack, data, y: Optional[torch.Tensor] = 
 
 
 def paper_average(row: Mapping[str, Optional[float]], columns: Iterable[str]) -> Optional[float]:
-    """Seed 001 §5.2: average over the given columns that have a value, with ``"C"`` (an mCE, lower is
+    """arXiv:2403.10476 §5.2: average over the given columns that have a value, with ``"C"`` (an mCE, lower is
     better) entering as ``100 - mCE``."""
     vals = []
     for c in columns:
