@@ -47,6 +47,8 @@ def demo_config() -> Dict[str, Any]:
 
 _TOP_KEYS = {"name", "data", "model", "seed", "training", "runs", "eval", "tables"}
 _TABLE_KEYS = {"table2", "table3", "table4"}
+#: eval keys of the data pipeline (test transform, attacked subset, loaders, EMA, rank waits); see demo.yaml
+_PIPELINE_KEYS = ("crop_pct", "attack_seed", "batch_size", "attack_batch_size", "workers", "use_ema", "wait_timeout")
 
 # ----------------------------------------------------------------------------------------------------------
 # config
@@ -91,6 +93,9 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     train_keys = {f.name for f in __import__("dataclasses").fields(tc.TrainConfig)} - {"method", "model", "data"}
     unknown(cfg["training"], train_keys, "training")
     ev = cfg["eval"]
+    demo_ev = demo_config()["eval"]
+    for k in _PIPELINE_KEYS:   # a config built on another base takes the data-pipeline defaults of demo.yaml
+        ev.setdefault(k, copy.deepcopy(demo_ev[k]))
     if ev["engine"] not in ("fast", "easyrobust"):
         raise NSPluginError(f"eval.engine must be 'fast' or 'easyrobust', got {ev['engine']!r}")
     if ev["crop_pct"] is not None and not (isinstance(ev["crop_pct"], (int, float)) and 0 < ev["crop_pct"] <= 1):
