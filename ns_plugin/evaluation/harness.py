@@ -177,7 +177,8 @@ class Comparison:
     def claim(self) -> str:
         """Take the results folder: new, or a run of the same config (resumed). Another run is refused."""
         state = self.out / "run.json"
-        if self.out.exists() and any(self.out.iterdir()):
+        from ..io import LOCK_NAME
+        if self.out.exists() and any(p.name != LOCK_NAME for p in self.out.iterdir()):
             if not state.is_file():
                 raise NSPluginError(f"{self.out} exists and is not an ns_plugin results folder; choose another --out")
             prev = json.loads(state.read_text())
@@ -194,6 +195,8 @@ class Comparison:
     def _state(self, status: str, **extra) -> None:
         path = self.out / "run.json"
         prev = json.loads(path.read_text()) if path.is_file() else {}
+        if status != "failed":
+            prev.pop("error", None)
         prev.update({"config_hash": self.hash, "status": status, "updated": time.strftime("%Y-%m-%d %H:%M:%S")},
                     **extra)
         _write_json(path, prev)
@@ -462,8 +465,22 @@ class Comparison:
 
     # -- orchestration --------------------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
+        """Own the results folder (:func:`ns_plugin.io.claim_output`: a second comparison writing into it
+        fails at once), then run or resume; a failure ends with ``run.json`` saying ``failed`` and why."""
+        from ..io import claim_output
+        with claim_output(self.out, what=f"ns-plugin comparison {self.cfg['name']!r}"):
+            status = self.claim()
+            try:
+                return self._run(status)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 - record why, then let it propagate unchanged
+                from ..errors import one_line
+                self._state("failed", error=one_line(e))
+                raise
+
+    def _run(self, status: str) -> Dict[str, Any]:
         from tqdm.auto import tqdm
-        status = self.claim()
         if status == "complete":
             self.log(f"{self.out} already holds this run (complete); reporting it")
         elif status != "new":

@@ -620,8 +620,16 @@ def train(cfg: TrainConfig, out: Optional[os.PathLike] = None, *, resume: bool =
     """Fine-tune with ``cfg.method`` (see :mod:`ns_plugin.training.methods`); returns a summary with the
     per-round ``log``. With ``out``: ``out/last.pth`` (resumable), ``out/model.pth`` (safe, final),
     ``out/log.csv``, ``out/log.json`` and ``out/fig4.png``. ``resume=True`` continues from ``out``."""
-    t = Trainer(cfg, out, model=model, train_set=train_set, probe=probe, resume=resume)
-    summary = t.run()
+    from ..io import claim_output
+
+    cfg.validate()
+    if resume and out is None:
+        raise NSPluginError("resume needs an output folder (--out DIR)")
+    # only rank 0 writes into `out`; it owns the folder for the whole run (a second writer fails at once)
+    owner = out is not None and int(os.environ.get("RANK", "0")) == 0
+    with claim_output(out, what=f"ns-plugin train ({cfg.method})", enabled=owner):
+        t = Trainer(cfg, out, model=model, train_set=train_set, probe=probe, resume=resume)
+        summary = t.run()
     summary["model"] = t.raw
     summary["ema"] = t.ema.module if t.ema else None
     return summary
