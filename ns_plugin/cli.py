@@ -22,8 +22,16 @@ def _available():
             yield name, mod
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (``ns-plugin train: error: ...``) and exit status 2."""
+
+    def error(self, message):  # noqa: D401 - argparse's hook
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="ns-plugin",
         description="Nullspace methods for vision transformers, plugged into timm, torchattacks, "
                     "robustbench and EasyRobust.")
@@ -47,6 +55,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(args._run(args) or 0)
     except NSPluginError as e:
         print(f"ns-plugin: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the environment refused (permissions, a full disk, a file where a folder goes)
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"ns-plugin: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ns-plugin: interrupted", file=sys.stderr)

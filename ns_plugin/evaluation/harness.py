@@ -65,9 +65,6 @@ DEMO_CONFIG: Dict[str, Any] = {
     },
 }
 
-_TOP_KEYS = {"name", "data", "model", "seed", "training", "runs", "eval", "tables"}
-_EVAL_KEYS = set(DEMO_CONFIG["eval"])
-_TABLE_KEYS = {"table2", "table3", "table4"}
 
 #: Columns of the paper's tables (seed 001). "PGD" is ours (the paper reports no PGD in Table 2).
 TABLE2_COLS = ["Clean", "PatchFool", "CW", "FGSM", "PGD", "DamageNet", "A", "C", "V2", "R", "Sketch", "Stylized"]
@@ -99,38 +96,102 @@ def _merge(base: Dict[str, Any], new: Dict[str, Any]) -> None:
             base[k] = v
 
 
+def _compare_spec() -> Dict[str, Any]:
+    """The check of every comparison-config key (:mod:`ns_plugin.validation`); new keys are added here."""
+    from ..training.config import TRAIN_SPEC, check_model_name
+    from ..validation import (Bool, Choice, Custom, Float, Int, ListOf, Mapping_, OneOf, PathCheck, Str)
+    train = {k: v for k, v in TRAIN_SPEC.items() if k not in ("method", "model", "data")}
+    run = dict(train, name=Str(), method=Str(optional=True))
+    unit = Float(0, 1, lo_open=True)
+    return {
+        "name": Str(),
+        "data": PathCheck("dir", special=("digits",)),
+        "model": Custom(lambda v, w: _check_vit(check_model_name(Str()(v, w), w), w), "'default' or a timm ViT name"),
+        "seed": Int(0),
+        "training": Mapping_(train),
+        "runs": ListOf(Custom(lambda v, w: _check_run(v, w, run), "a run mapping"), min_len=1),
+        "eval": Mapping_({
+            "n_attack": Int(1), "fgsm_eps": unit,
+            "pgd": Mapping_({"eps": unit, "alpha": unit, "steps": Int(1), "random_start": Bool()}),
+            "cw": Mapping_({"c": Float(0, lo_open=True), "kappa": Float(0), "steps": Int(1),
+                            "lr": Float(0, lo_open=True)}),
+            "patchfool": Mapping_({"patches": Int(1), "eps": Float(0, 1, lo_open=True, optional=True),
+                                   "steps": Int(1), "lr": Float(0, lo_open=True), "gamma": Float(0, 1, lo_open=True),
+                                   "attn_weight": Float(0), "select_layer": Int(0, optional=True),
+                                   "attn_layers": ListOf(Int(0), min_len=1, optional=True),
+                                   "sparse_pixels": Int(1, optional=True), "random_start": Bool()},
+                                  optional=True),
+            "autoattack": Mapping_({"eps": unit, "version": Choice("standard", "plus", "rand")}, optional=True),
+            "damagenet": PathCheck("dir", optional=True),
+            "engine": Choice("fast", "easyrobust"),
+            "severities": ListOf(Int(1, 5), min_len=1),
+            "corruptions": OneOf(Choice("all"), ListOf(Choice(*IMAGENET_C), min_len=1)),
+        }),
+        "tables": Mapping_({"table2": ListOf(Str()), "table3": ListOf(Str()),
+                            "table4": ListOf(ListOf(Custom(_cell, "a text or number"), length=3))}),
+    }
+
+
+def _check_run(r, where, spec):
+    from ..validation import Str, validate
+    if not isinstance(r, dict) or "name" not in r:
+        raise NSPluginError(f"{where} must be a mapping with a name (and a method, null for the baseline), got {r!r}")
+    name = Str()(r["name"], f"{where}.name")
+    return validate(r, spec, f"run {name!r}", prefix=f"run {name!r}:")
+
+
+def _cell(v, where):
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise NSPluginError(f"{where} must be a text or a number, got {v!r}")
+    return v
+
+
+def _check_vit(name: str, where: str = "model") -> str:
+    """The comparison fine-tunes with encoder-level nullspace noise and runs PatchFool: it needs a ViT (a
+    model with a patch embedding). Checked on the meta device (no weights, no download): milliseconds."""
+    if name == "default":
+        return name
+    import timm
+    import torch
+    try:
+        with torch.device("meta"):
+            net = timm.create_model(name, pretrained=False)
+    except Exception as e:  # noqa: BLE001 - timm raises many types for odd models
+        from ..errors import one_line
+        raise NSPluginError(f"{where} {name!r} cannot be built by timm ({one_line(e)})") from None
+    if getattr(net, "patch_embed", None) is None:
+        raise NSPluginError(f"{where} {name!r} is not a vision transformer (no patch embedding); the comparison "
+                            f"needs a ViT such as vit_tiny_patch16_224, or 'default'")
+    return name
+
+
 def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Refuse unknown keys and methods with one clear line each."""
-    import difflib
+    """The whole comparison config in one pass, in seconds, before any work: every key's type and range
+    (:func:`_compare_spec`), unique run names, registered methods, tables naming existing runs, and each
+    run's complete training config (so ``training: {rounds: abc}`` fails now, not after the baseline)."""
     from ..registry import trainers
     from ..training import config as tc
     from ..training import methods as _m  # noqa: F401  (registers the methods)
+    from ..validation import validate
 
-    def unknown(keys, known, where):
-        for k in keys:
-            if k not in known:
-                close = difflib.get_close_matches(k, sorted(known), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise NSPluginError(f"unknown key {k!r} in {where}{hint} (known: {', '.join(sorted(known))})")
-
-    unknown(cfg, _TOP_KEYS, "the comparison config")
-    unknown(cfg["eval"], _EVAL_KEYS, "eval")
-    unknown(cfg["tables"], _TABLE_KEYS, "tables")
-    train_keys = {f.name for f in __import__("dataclasses").fields(tc.TrainConfig)} - {"method", "model", "data"}
-    unknown(cfg["training"], train_keys, "training")
-    runs = cfg["runs"]
-    if not isinstance(runs, list) or not runs:
-        raise NSPluginError("runs must be a non-empty list; the first run is the baseline")
+    cfg = validate(cfg, _compare_spec(), "the comparison config", prefix="")
+    for k in ("name", "data", "model", "seed", "training", "runs", "eval", "tables"):
+        if k not in cfg:
+            raise NSPluginError(f"the comparison config needs the key {k!r}")
     names = set()
-    for r in runs:
-        if not isinstance(r, dict) or "name" not in r:
-            raise NSPluginError(f"each run needs a name, got {r!r}")
-        unknown([k for k in r if k not in ("name", "method")], train_keys, f"run {r['name']!r}")
+    for r in cfg["runs"]:
         if r["name"] in names:
             raise NSPluginError(f"run name {r['name']!r} appears twice")
         names.add(r["name"])
         if r.get("method") is not None:
             trainers.get(r["method"])
+            d = dict(cfg["training"])
+            d.update({k: v for k, v in r.items() if k != "name"})
+            d.update(model=cfg["model"], data=cfg["data"], seed=cfg["seed"])
+            try:
+                tc.TrainConfig.from_dict(d).validate()
+            except NSPluginError as e:
+                raise NSPluginError(f"run {r['name']!r}: {e}") from None
     for t, rows in cfg["tables"].items():
         flat = [n for row in rows for n in (row[1:] if isinstance(row, list) else [row])]
         for n in flat:

@@ -220,6 +220,20 @@ def build_data(cfg: TrainConfig, model: nn.Module):
     return train, probe
 
 
+def _check_data_classes(cfg: TrainConfig, model: nn.Module, train_set) -> Optional[List[str]]:
+    """The training folder's class names, after checking they fit the model's outputs (before any work)."""
+    from ..validation import dataset_classes, match_classes, model_num_classes
+    classes = dataset_classes(train_set)
+    if classes is None:
+        return [str(i) for i in range(10)] if cfg.data == "digits" else None
+    n = model_num_classes(model)
+    fix = ("set num_classes to the folder's class count (a new head)" if cfg.model != "default"
+           else "the embedded default has 10 classes: use a timm model with num_classes, or 10 class folders")
+    idx = match_classes(classes, n, None, where=f"data folder {cfg.data}", fix=fix)
+    assert idx is None
+    return classes
+
+
 def _fetch(ds, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     from torch.utils.data import TensorDataset
     if isinstance(ds, TensorDataset):
@@ -325,6 +339,7 @@ class Trainer:
         self.train_set, self.probe = train_set, probe
         if len(train_set) < 1:
             raise NSPluginError("the training set is empty")
+        self.classes = _check_data_classes(cfg, raw, train_set)
 
         self.raw = raw.to(self.device).train()
         self.model: nn.Module = self.raw
@@ -475,7 +490,7 @@ class Trainer:
     def _meta(self) -> Dict[str, Any]:
         return {"format": CHECKPOINT_FORMAT, "method": self.cfg.method, "arch": self.arch,
                 "model": self.cfg.model, "world_size": self.world, "round": self.round,
-                "rounds": self.cfg.rounds, "config": self.cfg.to_dict()}
+                "rounds": self.cfg.rounds, "config": self.cfg.to_dict(), "classes": self.classes}
 
     def _gather_rng(self) -> List[Dict[str, Any]]:
         st = _rng_state(self.device)
