@@ -234,6 +234,8 @@ def read_yaml_mapping(path: PathLike) -> dict:
     import yaml
     from .errors import NSPluginError
     p = Path(path)
+    if p.is_dir():
+        raise NSPluginError(f"config file {path} is a folder; pass the YAML file")
     if not p.is_file():
         raise NSPluginError(f"config file {path} does not exist")
     try:

@@ -178,6 +178,10 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     for k in ("name", "data", "model", "seed", "training", "runs", "eval", "tables"):
         if k not in cfg:
             raise NSPluginError(f"the comparison config needs the key {k!r}")
+    if cfg["data"] != "digits" and not (Path(cfg["data"]) / "imagenet-val").is_dir():
+        raise NSPluginError(f"data folder {cfg['data']} has no imagenet-val/; lay it out as EasyRobust's benchmarks/data "
+                            f"(imagenet-val, imagenet-c, imagenet-a, imagenet-r, imagenet-sketch, imagenetv2, "
+                            f"imagenet-style) and training images in train/")
     names = set()
     for r in cfg["runs"]:
         if r["name"] in names:
@@ -351,7 +355,8 @@ class Comparison:
             if isinstance(atk, str):
                 res[col], res["notes"][col] = None, atk
                 continue
-            acc, ips = attack_accuracy(model, atk, x, y)
+            with seeded(attack_seed(self.cfg["seed"], col)):  # the numbers are a function of config + seed
+                acc, ips = attack_accuracy(model, atk, x, y)
             res[col], res[f"{col}_images_per_s"] = acc, round(ips, 1)
         dn = ev.get("damagenet")
         if dn and Path(dn).is_dir():
@@ -629,6 +634,41 @@ def _load(ck: Path):
         k = ckpt["state_dict"]["1.head.weight"].shape[0]
         model = wrap(timm.create_model(arch, pretrained=False, num_classes=k), [0.0] * 3, [1.0] * 3)
     return load_into(model, ckpt["state_dict"], source=str(ck)).eval()
+
+
+def attack_seed(seed: int, column: str) -> int:
+    """The seed of one attack column: the same for every model of a comparison (equal random starts) and
+    every run of the same config, so tables are reproducible, whatever ran before in the process."""
+    return int(hashlib.sha256(f"{seed}:{column}".encode()).hexdigest()[:12], 16)
+
+
+class seeded:
+    """``with seeded(s):`` torch (CPU and CUDA), Python and NumPy RNGs seeded with ``s`` inside the block,
+    and restored afterwards (the caller's random streams are left untouched)."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def __enter__(self):
+        import random
+
+        import numpy as np
+        import torch
+        self._fork = torch.random.fork_rng(devices=list(range(torch.cuda.device_count())))
+        self._fork.__enter__()
+        self._py, self._np = random.getstate(), np.random.get_state()
+        torch.manual_seed(self.seed)
+        random.seed(self.seed)
+        np.random.seed(self.seed % (2 ** 32))
+        return self
+
+    def __exit__(self, *exc):
+        import random
+
+        import numpy as np
+        random.setstate(self._py)
+        np.random.set_state(self._np)
+        return self._fork.__exit__(*exc)
 
 
 def _pct(v: Optional[float]) -> str:

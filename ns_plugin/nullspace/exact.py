@@ -235,8 +235,9 @@ def exact_nullspace(model: nn.Module, *, tol: Optional[float] = None, space: str
     n = mat.shape[1]
     if tol is None:
         tol = max(d, n) * torch.finfo(torch.float64).eps * (float(s[0]) if s.numel() else 0.0)
-    elif tol < 0:
-        raise NSPluginError(f"tol must be >= 0, got {tol}")
+    else:
+        from ..validation import Float
+        tol = Float(0)(tol, "tol")
     rank = int((s > tol).sum())
     img = None
     pe = getattr(core, "patch_embed", None)

@@ -37,8 +37,10 @@ from ..errors import NSPluginError
 from .config import TrainConfig
 
 CHECKPOINT_FORMAT = "ns_plugin.train.v1"
-#: Config keys that must not change when a run is resumed (they define the data order and schedule).
-RESUME_FIXED = ("model", "data", "batch_size", "steps_per_round", "rounds", "seed", "train_limit", "sched")
+#: Config keys that may differ when a run is resumed: they cannot change its result (progress bars, the final
+#: plot drawn from the log). Every other key is compared with the checkpoint's (issue: "resume refuses what
+#: it cannot honour"), including keys added to TrainConfig later.
+RESUME_FREE = ("progress", "plot")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -525,11 +527,16 @@ class Trainer:
         if meta.get("world_size") != self.world:
             raise NSPluginError(f"{last} was written by {meta.get('world_size')} process(es) but this launch has "
                                 f"{self.world}; resume with torchrun --nproc_per_node {meta.get('world_size')}")
-        old = meta.get("config", {})
-        for k in RESUME_FIXED:
-            if k in old and old[k] != getattr(self.cfg, k):
-                raise NSPluginError(f"{last} was run with {k}={old[k]!r} but the config now says "
-                                    f"{getattr(self.cfg, k)!r}; resume with the same {k}")
+        old = meta.get("config", {}) or {}
+        now = self.cfg.to_dict()
+        diff = [k for k in now if k not in RESUME_FREE and k in old and old[k] != now[k]
+                and not (isinstance(old[k], (int, float)) and isinstance(now[k], (int, float))
+                         and not isinstance(old[k], bool) and float(old[k]) == float(now[k]))]
+        if diff:
+            was = ", ".join(f"{k}={old[k]!r}" for k in diff)
+            new = ", ".join(f"{k}={now[k]!r}" for k in diff)
+            raise NSPluginError(f"cannot resume {last}: it was run with {was} but now {new}; resume with the same "
+                                f"settings, or start fresh with another --out (or delete {self.out})")
 
     def _load_state(self, ckpt: Dict[str, Any]) -> None:
         from ..checkpoint import load_into
