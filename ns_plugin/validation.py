@@ -15,6 +15,8 @@ folder) and writability; figure paths for a suffix matplotlib can write.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
 import difflib
 import math
 import os
@@ -158,6 +160,20 @@ def Choice(*choices: str, optional: bool = False) -> Str:
     return Str(*choices, optional=optional)
 
 
+_CHECK_PATHS = contextvars.ContextVar("ns_plugin_check_paths", default=True)
+
+
+@contextlib.contextmanager
+def without_path_checks():
+    """Inside the block, :class:`PathCheck` checks only that a path is a string (for validating a config
+    written for another machine, e.g. one naming an ImageNet folder that only exists there)."""
+    token = _CHECK_PATHS.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_PATHS.reset(token)
+
+
 class PathCheck(Check):
     """A file-system path of a given ``kind``:
 
@@ -183,7 +199,7 @@ class PathCheck(Check):
             value = os.fspath(value)
         if not isinstance(value, str) or not value.strip():
             self.fail(value, where)
-        if value in self.special:
+        if value in self.special or not _CHECK_PATHS.get():
             return value
         check_path(value, self.kind, where)
         return value

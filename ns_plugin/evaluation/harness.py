@@ -75,14 +75,21 @@ TABLE4_COLS = ["FGSM", "DamageNet", "A", "C", "V2", "R", "Sketch", "Stylized"]
 # ----------------------------------------------------------------------------------------------------------
 # config
 # ----------------------------------------------------------------------------------------------------------
-def load_comparison_config(path: Optional[os.PathLike] = None, **overrides) -> Dict[str, Any]:
-    """The demo config, or a YAML file's (keys it omits take the demo's values), validated."""
+def load_comparison_config(path: Optional[os.PathLike] = None, *, check_paths: bool = True,
+                           **overrides) -> Dict[str, Any]:
+    """The demo config, or a YAML file's (keys it omits take the demo's values), validated
+    (:func:`validate_config`; ``check_paths=False`` skips the existence checks of data folders, for a config
+    written for another machine: :func:`run_comparison` checks them again before any work)."""
     cfg = copy.deepcopy(DEMO_CONFIG)
     if path is not None:
         from ..io import read_yaml_mapping
         _merge(cfg, read_yaml_mapping(path))
     _merge(cfg, overrides)
-    return validate_config(cfg)
+    if check_paths:
+        return validate_config(cfg)
+    from ..validation import without_path_checks
+    with without_path_checks():
+        return validate_config(cfg)
 
 
 def _merge(base: Dict[str, Any], new: Dict[str, Any]) -> None:
@@ -178,7 +185,8 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     for k in ("name", "data", "model", "seed", "training", "runs", "eval", "tables"):
         if k not in cfg:
             raise NSPluginError(f"the comparison config needs the key {k!r}")
-    if cfg["data"] != "digits" and not (Path(cfg["data"]) / "imagenet-val").is_dir():
+    from ..validation import _CHECK_PATHS
+    if cfg["data"] != "digits" and _CHECK_PATHS.get() and not (Path(cfg["data"]) / "imagenet-val").is_dir():
         raise NSPluginError(f"data folder {cfg['data']} has no imagenet-val/; lay it out as EasyRobust's benchmarks/data "
                             f"(imagenet-val, imagenet-c, imagenet-a, imagenet-r, imagenet-sketch, imagenetv2, "
                             f"imagenet-style) and training images in train/")
