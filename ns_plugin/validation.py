@@ -418,5 +418,6 @@ def match_classes(data_classes: Sequence[str], n_model: Optional[int], model_cla
         idx = [model_classes.index(c) for c in data_classes]
         return None if idx == list(range(len(idx))) else idx
     if n_model is not None and len(data_classes) != n_model:
-        raise NSPluginError(f"{where} has {len(data_classes)} classes but the model has {n_model} outputs{tail}")
+        k = len(data_classes)
+        raise NSPluginError(f"{where} has {k} class{'es' if k != 1 else ''} but the model has {n_model} outputs{tail}")
     return None

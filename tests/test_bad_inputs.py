@@ -53,9 +53,9 @@ def inputs(tmp_path_factory):
     (d / "cats" / "cat").mkdir(parents=True)
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(d / "cats" / "cat" / "a.png")
     (d / "afile").write_text("x")
-    (d / "notimg").mkdir()
-    (d / "notimg" / "a").mkdir()
-    (d / "notimg" / "a" / "b.png").write_text("not a png")
+    for k in range(10):
+        (d / "notimg" / f"c{k}").mkdir(parents=True)
+        (d / "notimg" / f"c{k}" / "b.png").write_text("not a png")
     for name, text in {
         "seed_abc.yaml": "seed: abc\n", "data5.yaml": "data: 5\n", "unknown.yaml": "foo: 1\n",
         "list.yaml": "- a\n- b\n", "badyaml.yaml": "a: [1, 2\n", "ema_maybe.yaml": "model_ema: maybe\n",
