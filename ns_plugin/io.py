@@ -134,7 +134,8 @@ def claim_output(folder: PathLike, *, what: str = "run", enabled: bool = True) -
     - The lock is an ``flock`` on ``folder/.ns_plugin.lock`` (which records PID, host, ``what`` and the start
       time). A second writer fails at once with one line naming the holder's PID. The kernel drops the
       lock when its process dies (even by SIGKILL), so a stale lock file of a killed run is simply taken over.
-    - Temp files a killed writer left behind are removed (:func:`remove_stale_temps`).
+    - Temp files a killed writer left behind are removed (:func:`remove_stale_temps`) when its stale lock
+      file is found (a killed writer cannot remove it); a folder never locked before is not swept.
     - If the block raises and the folder was created by this call and holds nothing else, it is removed
       again: a run refused before doing any work leaves no empty folder behind.
 
@@ -202,14 +203,16 @@ def claim_output(folder: PathLike, *, what: str = "run", enabled: bool = True) -
             os.close(fd)
             fd = None
         prev = lock_holder(folder)
-        if prev and prev.get("pid") and prev.get("pid") != os.getpid():
+        stale = bool(prev and prev.get("pid"))  # a holder that released cleanly removes its lock file
+        if stale:
             log.info("taking over the stale lock of %s (PID %s, %s, no longer running)", folder, prev["pid"],
                      prev.get("what"))
         info = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        remove_stale_temps(folder)
+        if stale:  # only a killed writer leaves temp files (and its lock file); never sweep a foreign folder
+            remove_stale_temps(folder)
     except BaseException:
         if fd is not None:
             os.close(fd)

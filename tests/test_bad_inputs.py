@@ -106,6 +106,12 @@ CLI_CASES = [
     ("train-resume-nothing", ["train", "--resume", "--out", "{w}/R"] + TRAIN_FAST, "nothing to resume"),
     ("train-11-classes", ["train", "--checkpoint", "{i}/good.pth", "--data", "{i}/eleven", "--out", "{w}/R"]
      + TRAIN_FAST, "11 classes but the model has 10"),
+    ("train-image-size", ["train", "--checkpoint", "{i}/good.pth", "--data", "{i}/eleven", "--image-size", "4",
+                          "--out", "{w}/R"] + TRAIN_FAST, "input size 32"),
+    ("train-five-class-ckpt", ["train", "--checkpoint", "{i}/five.pth", "--out", "{w}/R"] + TRAIN_FAST,
+     "does not fit"),
+    ("train-limit-zero", ["train", "--train-limit", "0"], "--train-limit"),
+    ("train-num-classes-default", ["train", "--num-classes", "5", "--out", "{w}/R"] + TRAIN_FAST, "10 classes"),
     ("train-bad-image", ["train", "--checkpoint", "{i}/good.pth", "--data", "{i}/notimg", "--out", "{w}/R"]
      + TRAIN_FAST, "b.png"),
     ("eval-batch-neg", ["evaluate", "--batch-size", "-5"], "--batch-size"),

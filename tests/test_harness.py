@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from ns_plugin.errors import NSPluginError
@@ -101,3 +102,32 @@ def test_tiny_comparison_interrupt_resume_and_outputs(tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2 and "holds another run" in err and "Traceback" not in err
     assert (out / "run.json").read_text() == before
+    # evaluation is a function of config + seed: evaluate the NS model again, here, in another process with
+    # another RNG history (every attack, incl. PatchFool's and PGD's random starts, and CW)
+    from ns_plugin.evaluation.harness import load_comparison_config, run_comparison
+    torch.manual_seed(12345)
+    torch.rand(77)
+    ev_path = out / "evals" / "vit___ns.json"
+    old_eval = json.loads(ev_path.read_text())
+    tables_csv = {t: (out / f"{t}.csv").read_text() for t in ("table2", "table3")}
+    ev_path.unlink()
+    run_comparison(load_comparison_config(cfg_path), out, progress=False, log=lambda *a: None)
+    new_eval = json.loads(ev_path.read_text())
+    timing = lambda d: {k: v for k, v in d.items() if not (k.endswith("_per_s") or k.endswith("_seconds"))}  # noqa: E731
+    assert timing(new_eval) == timing(old_eval)
+    assert {t: (out / f"{t}.csv").read_text() for t in tables_csv} == tables_csv
+
+
+def test_a_comparison_failing_after_it_started_says_failed_in_run_json(tmp_path, monkeypatch):
+    from ns_plugin.evaluation import harness
+
+    def broken(self):
+        raise RuntimeError("disk on fire")
+    monkeypatch.setattr(harness.Comparison, "data", broken)   # a fault injected after the folder is claimed
+    cfg = harness.load_comparison_config(None, **{k: v for k, v in TINY.items() if k != "tables"},
+                                         tables={})
+    with pytest.raises(RuntimeError):
+        harness.run_comparison(cfg, tmp_path / "res", progress=False, log=lambda *a: None)
+    state = json.loads((tmp_path / "res" / "run.json").read_text())
+    assert state["status"] == "failed" and state["error"] == "RuntimeError: disk on fire", state
+    assert not (tmp_path / "res" / ".ns_plugin.lock").exists()

@@ -170,10 +170,10 @@ def build_model(cfg: TrainConfig, progress: bool = False) -> nn.Module:
             model = build_default_model(num_classes=cfg.num_classes or 10)
         else:
             from ..embedded import default_model
-            model = copy.deepcopy(default_model(progress=progress)[0])
             if cfg.num_classes not in (None, 10):
                 raise NSPluginError(f"the embedded default model has 10 classes, not {cfg.num_classes}; "
                                     f"drop num_classes or use a timm model name")
+            model = copy.deepcopy(default_model(progress=progress)[0])
     else:
         import timm
         try:
@@ -206,7 +206,11 @@ def build_data(cfg: TrainConfig, model: nn.Module):
         root = Path(cfg.data)
         if not root.is_dir():
             raise NSPluginError(f"data folder {root} does not exist; use data: digits or an ImageFolder root")
-        size = cfg.image_size or ((input_size(model) or (3, None, None))[1])
+        want = (input_size(model) or (3, None, None))[1]
+        if cfg.image_size and want and cfg.image_size != want:
+            raise NSPluginError(f"image_size {cfg.image_size} does not match the model's input size {want}; drop "
+                                f"image_size (images are resized to {want}) or use a model for {cfg.image_size}")
+        size = cfg.image_size or want
         tr = root / "train" if (root / "train").is_dir() else root
         train = image_folder(tr, size)
         probe = None
