@@ -53,6 +53,13 @@ def test_second_writer_fails_naming_the_pid_then_stale_lock_and_temps_are_taken_
     with claim_output(out, what="third") as held:
         assert held == out and not stale.exists() and keep.exists()
     assert not (out / LOCK_NAME).exists()   # released on exit
+    # a folder no ns_plugin writer was killed in is never swept (it may be the user's own folder)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / ".notes.txt.ab12_xyz.tmp").write_text("user data")
+    with claim_output(mine):
+        pass
+    assert (mine / ".notes.txt.ab12_xyz.tmp").exists()
 
 
 def test_refused_claims_leave_nothing_behind(tmp_path):
