@@ -109,7 +109,7 @@ CLI_CASES = [
     ("train-image-size", ["train", "--checkpoint", "{i}/good.pth", "--data", "{i}/eleven", "--image-size", "4",
                           "--out", "{w}/R"] + TRAIN_FAST, "input size 32"),
     ("train-five-class-ckpt", ["train", "--checkpoint", "{i}/five.pth", "--out", "{w}/R"] + TRAIN_FAST,
-     "does not fit"),
+     "10 classes but the model has 5"),
     ("train-limit-zero", ["train", "--train-limit", "0"], "--train-limit"),
     ("train-num-classes-default", ["train", "--num-classes", "5", "--out", "{w}/R"] + TRAIN_FAST, "10 classes"),
     ("train-bad-image", ["train", "--checkpoint", "{i}/good.pth", "--data", "{i}/notimg", "--out", "{w}/R"]

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Optional, Sequence
 
 from ..errors import NSPluginError
 
@@ -24,7 +24,7 @@ from ..errors import NSPluginError
 class TrainConfig:
     """Every knob of :func:`ns_plugin.training.train`. Field comments name the paper setting."""
     # --- method and schedule (001 Alg. 1 / App. C)
-    method: str = "ns"                 #: registered trainer name (``ns_plugin.registry.trainers``)
+    method: str = "ns"                 #: registered trainer name (``ns_plugin._registry.trainers``)
     rounds: int = 20                   #: K outer rounds (checkpoint/log boundary for every method)
     steps_per_round: int = 40          #: S model steps per round
     batch_size: int = 128              #: global batch (split over DDP ranks)
@@ -42,7 +42,7 @@ class TrainConfig:
     lim: float = 3.0                   #: initial noise ~ U(-lim, lim)
     noise_lr: float = 0.1
     noise_max_steps: int = 3000        #: T, the cap on noise steps per round
-    search: str = "fast"               #: "fast" or "faithful" (see ns_plugin.nullspace.approximate)
+    search: str = "fast"               #: "fast" or "faithful" (see ns_plugin.nullspace.search)
     search_batch_size: int = 128       #: minibatch size of the noise search (B = 128, a fresh batch per step)
     warm_start: Optional[bool] = None  #: start each round's search from the previous noise (expanded, then
                                        #: descended); None = True for search "fast", False for "faithful"
@@ -79,9 +79,8 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check every field against :data:`TRAIN_SPEC` (types, ranges, paths; one line naming the fix) and
         store the normalised values (``"1e-5"`` -> 1e-05, ``2.0`` -> 2). Cheap: no model or data is loaded."""
-        from ..registry import trainers
+        from .._registry import trainers  # filled by ns_plugin.training (imported before this module)
         from ..validation import validate
-        from . import methods as _m  # noqa: F401  (registers the methods)
 
         d = dataclasses.asdict(self)
         missing = [k for k in d if k not in TRAIN_SPEC]
