@@ -109,13 +109,14 @@ def test_tiny_comparison_interrupt_resume_and_outputs(tmp_path):
     torch.rand(77)
     ev_path = out / "evals" / "vit___ns.json"
     old_eval = json.loads(ev_path.read_text())
-    tables_csv = {t: (out / f"{t}.csv").read_text() for t in ("table2", "table3")}
+    tables_csv = {t: (out / t).read_text() for t in ("table2.csv", "table3.csv", "tables.md", "rows.json")}
     ev_path.unlink()
     run_comparison(load_comparison_config(cfg_path), out, progress=False, log=lambda *a: None)
     new_eval = json.loads(ev_path.read_text())
     timing = lambda d: {k: v for k, v in d.items() if not (k.endswith("_per_s") or k.endswith("_seconds"))}  # noqa: E731
     assert timing(new_eval) == timing(old_eval)
-    assert {t: (out / f"{t}.csv").read_text() for t in tables_csv} == tables_csv
+    assert {t: (out / t).read_text() for t in tables_csv} == tables_csv   # identical tables, byte for byte
+    assert (out / "cost.md").is_file()
 
 
 def test_a_comparison_failing_after_it_started_says_failed_in_run_json(tmp_path, monkeypatch):

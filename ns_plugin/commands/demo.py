@@ -26,7 +26,7 @@ def run(args) -> int:
         print(f"interrupted: partial results in {args.out} (tables marked PARTIAL); run the same command to resume")
         return 130
     print(res["tables"])
-    print(f"results: {args.out} (tables.md, table*.csv, leaderboard/, training_curves.png, checkpoints/)")
+    print(f"results: {args.out} (tables.md, table*.csv, cost.md, leaderboard/, training_curves.png, checkpoints/)")
     print(json.dumps({"out": str(args.out), "seconds": res["seconds_this_call"],
                       "rows": res["rows"], "timm_models": len(res["timm_models"])}))
     return 0

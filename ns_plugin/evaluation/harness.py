@@ -379,14 +379,14 @@ class Comparison:
     # -- outputs --------------------------------------------------------------------------------------------
     def tables(self, evals: Dict[str, Dict[str, Any]], partial: bool) -> str:
         """Write ``tables.md``, ``table*.csv`` and ``rows.json`` (:func:`.report.tables_markdown`)."""
-        from .report import csv_text, table_rows, tables_markdown
+        from .report import cost_markdown, csv_text, table_rows, tables_markdown
         rows = table_rows(evals, self.baseline_name)
         timings = json.loads((self.out / "timings.json").read_text()) if (self.out / "timings.json").is_file() else {}
-        text, csvs = tables_markdown(self.cfg, evals, rows, baseline=self.baseline_name, partial=partial,
-                                     timings=timings)
+        text, csvs = tables_markdown(self.cfg, evals, rows, baseline=self.baseline_name, partial=partial)
         for key, table in csvs.items():
             _write_text(self.out / f"{key}.csv", csv_text(table))
         _write_text(self.out / "tables.md", text)
+        _write_text(self.out / "cost.md", cost_markdown(evals, timings))
         _write_json(self.out / "rows.json", rows)
         return text
 
