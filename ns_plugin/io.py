@@ -242,7 +242,11 @@ def read_yaml_mapping(path: PathLike) -> dict:
     if not p.is_file():
         raise NSPluginError(f"config file {path} does not exist")
     try:
-        d = yaml.safe_load(p.read_text()) or {}
+        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise NSPluginError(f"config file {path} is not a text (UTF-8) file; pass the YAML file") from None
+    except PermissionError:
+        raise NSPluginError(f"config file {path} is not readable (permission denied)") from None
     except yaml.YAMLError as e:
         raise NSPluginError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(d, dict):

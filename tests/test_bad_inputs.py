@@ -98,6 +98,8 @@ CLI_CASES = [
     ("train-yaml-invalid", ["train", "--config", "{i}/badyaml.yaml"], "not valid YAML"),
     ("train-yaml-bool", ["train", "--config", "{i}/ema_maybe.yaml"], "model_ema"),
     ("train-config-folder", ["train", "--config", "{i}"], "folder"),
+    ("train-config-binary", ["train", "--config", "{i}/good.pth"], "not a text"),
+    ("demo-config-binary", ["demo", "--config", "{i}/good.pth"], "not a text"),
     ("train-config-missing", ["train", "--config", "{i}/missing.yaml"], "does not exist"),
     ("train-checkpoint-zero", ["train", "--checkpoint", "{i}/zero.pth", "--out", "{w}/R"] + TRAIN_FAST, "empty"),
     ("train-checkpoint-folder", ["train", "--checkpoint", "{i}/ckdir"], "folder"),
