@@ -238,6 +238,9 @@ def _api_cases():
         ("ns-noise-std-inf", lambda i: NullspaceNoise(_model(), std=math.inf), "std"),
         ("ns-noise-std-nan", lambda i: NullspaceNoise(_model(), std=float("nan")), "std"),
         ("exact-tol-nan", lambda i: exact_nullspace(_model(), tol=float("nan")), "tol"),
+        ("figure2-scale-nan", lambda i: __import__("ns_plugin.nullspace.exact", fromlist=["figure2"]).figure2(
+            _model(), i / "f.png", scale=float("nan")), "scale"),
+        ("sample-scale-inf", lambda i: exact_nullspace(_model()).sample(2, math.inf), "scale"),
         ("exact-tol-neg", lambda i: exact_nullspace(_model(), tol=-1.0), "tol"),
         ("search-eps-str", lambda i: search_noise(_model(), x, eps="a"), "eps"),
         ("search-lr-nan", lambda i: search_noise(_model(), x, lr=float("nan")), "lr"),
@@ -254,7 +257,7 @@ API_IDS = ["ckpt-zero", "ckpt-text", "ckpt-trunc", "ckpt-folder", "ckpt-nan", "c
            "cfg-bool-str", "cfg-bool-int", "cfg-lr-nan", "cfg-eps-str", "cfg-rounds-list", "cfg-data-int",
            "cfg-unknown", "cmp-eval-list", "cmp-n-attack", "cmp-training-nan", "patchfool-steps",
            "patchfool-lr-str", "patchfool-empty", "patchfool-float64", "ns-noise-std-inf", "ns-noise-std-nan",
-           "exact-tol-nan", "exact-tol-neg", "search-eps-str", "search-lr-nan", "search-wd-str", "search-empty",
+           "exact-tol-nan", "figure2-scale-nan", "sample-scale-inf", "exact-tol-neg", "search-eps-str", "search-lr-nan", "search-wd-str", "search-empty",
            "image-text-file", "image-folder-file", "image-folder-not-images", "claim-file"]
 
 

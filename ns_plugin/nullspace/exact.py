@@ -160,6 +160,8 @@ class PatchNullspace:
                                 "use the approximate generator in ns_plugin.nullspace.search")
         gh, gw = self._grid(image_size)
         shape = (n, gh * gw if per_patch else 1, self.nullity)
+        from ..validation import Float
+        scale = Float(0)(scale, "scale")
         coeffs = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
         coeffs = coeffs.expand(n, gh * gw, self.nullity)
         return self.coefficients_to_image(coeffs, image_size or self.image_size).to(dtype)
@@ -325,7 +327,12 @@ def figure2(model: nn.Module, out, *, x: Optional[torch.Tensor] = None, scale: O
     import matplotlib.pyplot as plt
 
     from ..data import load_digits
+    from ..io import check_figure_suffix
+    from ..validation import Float
 
+    check_figure_suffix(out)
+    if scale is not None:
+        scale = Float(0, lo_open=True)(scale, "scale")
     ns = exact_nullspace(model)
     if x is None:
         x = load_digits().test.tensors[0][:n]
