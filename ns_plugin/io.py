@@ -142,7 +142,7 @@ def claim_output(folder: PathLike, *, what: str = "run", enabled: bool = True) -
     ``enabled=False`` makes it a no-op (e.g. on DDP ranks other than 0, which do not write).
     """
     if not enabled:
-        yield Path(folder)
+        yield folder
         return
     import fcntl
     from .errors import NSPluginError
@@ -186,7 +186,12 @@ def claim_output(folder: PathLike, *, what: str = "run", enabled: bool = True) -
             except BlockingIOError:
                 os.close(fd)
                 fd = None
-                h = lock_holder(folder) or {}
+                h = {}
+                for _ in range(20):  # the holder writes its PID just after taking the lock
+                    h = lock_holder(folder) or {}
+                    if h.get("pid"):
+                        break
+                    time.sleep(0.05)
                 who = f"PID {h['pid']}" if h.get("pid") else "another process"
                 if h.get("host") and h.get("host") != socket.gethostname():
                     who += f" on {h['host']}"

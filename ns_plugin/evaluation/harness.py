@@ -134,9 +134,8 @@ def _check_vit(name: str, where: str = "model") -> str:
     try:
         with torch.device("meta"):
             net = timm.create_model(name, pretrained=False)
-    except Exception as e:  # noqa: BLE001 - timm raises many types for odd models
-        from ..errors import one_line
-        raise NSPluginError(f"{where} {name!r} cannot be built by timm ({one_line(e)})") from None
+    except Exception:  # noqa: BLE001 - some models cannot be built on the meta device: checked when built
+        return name
     if getattr(net, "patch_embed", None) is None:
         raise NSPluginError(f"{where} {name!r} is not a vision transformer (no patch embedding); the comparison "
                             f"needs a ViT such as vit_tiny_patch16_224, or 'default'")
