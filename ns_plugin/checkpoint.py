@@ -95,7 +95,7 @@ def read_checkpoint(path: os.PathLike | str, *, trust: bool = False,
         raise NSPluginError(f"checkpoint {path} is empty (0 bytes); it was not written completely, re-create it")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         if not trust:
             raise NSPluginError(f"checkpoint {path} contains pickled Python objects that weights_only loading "
                                 f"refuses; re-save it as a state dict, or pass trust=True (--trust-checkpoint) "

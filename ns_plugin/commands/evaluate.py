@@ -32,9 +32,8 @@ def model_classes(args):
 
 
 def run(args) -> int:
-    import torch
     from ..data import image_folder, load_digits, tensors
-    from ..embedded import accuracy
+    from ..models import accuracy
     from ..models import input_size
     from ..validation import match_classes, model_num_classes
     from ._common import load_model
