@@ -32,6 +32,7 @@ def model_classes(args):
 
 
 def run(args) -> int:
+    import torch
     from ..data import image_folder, load_digits, tensors
     from ..models import accuracy
     from ..models import input_size
