@@ -112,7 +112,8 @@ def read_checkpoint(path: os.PathLike | str, *, trust: bool = False,
     if isinstance(ckpt, nn.Module):  # only reachable with trust=True
         ckpt = ckpt.state_dict()
     if not isinstance(ckpt, dict) or not ckpt:
-        raise NSPluginError(f"checkpoint {path} holds {'an empty dict' if isinstance(ckpt, dict) else 'a ' + type(ckpt).__name__}, not a state dict")
+        what = "an empty dict" if isinstance(ckpt, dict) else "a " + type(ckpt).__name__
+        raise NSPluginError(f"checkpoint {path} holds {what}, not a state dict")
     if "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):
         out = dict(ckpt)
     elif "model" in ckpt and isinstance(ckpt["model"], dict):  # timm/DeiT training scripts

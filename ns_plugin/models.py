@@ -279,3 +279,16 @@ def create_model(name_or_checkpoint="default", *, checkpoint=None, pretrained: b
             load_into(net, sd, source=f"checkpoint {checkpoint}")
         model.eval()
     return model
+
+
+def model_num_classes(model) -> Optional[int]:
+    """The number of outputs of a classifier (timm's ``num_classes``, else its last ``Linear`` layer)."""
+    _, core = unwrap(strip_parallel(model))
+    n = getattr(core, "num_classes", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    last = None
+    for m in core.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    return last.out_features if last is not None else None

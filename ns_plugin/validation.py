@@ -370,23 +370,6 @@ def argtype(check: Check, flag: str = "value") -> Callable[[str], Any]:
 # ----------------------------------------------------------------------------------------------------------
 # classes of data vs model
 # ----------------------------------------------------------------------------------------------------------
-def model_num_classes(model) -> Optional[int]:
-    """The number of outputs of a classifier (timm's ``num_classes``, else its last ``Linear`` layer)."""
-    from torch import nn
-    from .models import unwrap
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    _, core = unwrap(model)
-    n = getattr(core, "num_classes", None)
-    if isinstance(n, int) and n > 0:
-        return n
-    last = None
-    for m in core.modules():
-        if isinstance(m, nn.Linear):
-            last = m
-    return last.out_features if last is not None else None
-
-
 def dataset_classes(ds) -> Optional[list]:
     """The class names of an ImageFolder (also through ``Subset``), or None."""
     while ds is not None and not hasattr(ds, "classes") and hasattr(ds, "dataset"):

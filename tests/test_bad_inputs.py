@@ -257,7 +257,8 @@ API_IDS = ["ckpt-zero", "ckpt-text", "ckpt-trunc", "ckpt-folder", "ckpt-nan", "c
            "cfg-bool-str", "cfg-bool-int", "cfg-lr-nan", "cfg-eps-str", "cfg-rounds-list", "cfg-data-int",
            "cfg-unknown", "cmp-eval-list", "cmp-n-attack", "cmp-training-nan", "patchfool-steps",
            "patchfool-lr-str", "patchfool-empty", "patchfool-float64", "ns-noise-std-inf", "ns-noise-std-nan",
-           "exact-tol-nan", "figure2-scale-nan", "sample-scale-inf", "exact-tol-neg", "search-eps-str", "search-lr-nan", "search-wd-str", "search-empty",
+           "exact-tol-nan", "figure2-scale-nan", "sample-scale-inf", "exact-tol-neg",
+           "search-eps-str", "search-lr-nan", "search-wd-str", "search-empty",
            "image-text-file", "image-folder-file", "image-folder-not-images", "claim-file"]
 
 

@@ -13,7 +13,8 @@ def add_arguments(p):
     p.add_argument("--out", default="results/demo", type=argtype(PathCheck("out_dir"), "--out"),
                    help="results folder (default: results/demo). A folder holding this same run is resumed; one "
                         "holding another run is refused")
-    p.add_argument("--config", metavar="YAML", type=argtype(PathCheck("file"), "--config"), help="comparison config (default: the built-in demo config)")
+    p.add_argument("--config", metavar="YAML",
+                   type=argtype(PathCheck("file"), "--config"), help="comparison config (default: the built-in demo config)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -36,7 +36,8 @@ def run(args) -> int:
     from ..data import image_folder, load_digits, tensors
     from ..models import accuracy
     from ..models import input_size
-    from ..validation import match_classes, model_num_classes
+    from ..models import model_num_classes
+    from ..validation import match_classes
     from ._common import load_model
 
     model = load_model(args)

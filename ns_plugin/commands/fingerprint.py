@@ -21,7 +21,9 @@ def add_arguments(p):
                    help=f"decision threshold on the chance-corrected score (default {DEFAULT_THRESHOLD})")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow checkpoints that need full unpickling (only files you trust)")
-    p.add_argument("--save-fingerprint", metavar="PT", type=argtype(PathCheck("out_file"), "--save-fingerprint"), help="also save REFERENCE's fingerprint to this file")
+    p.add_argument("--save-fingerprint", metavar="PT",
+                   type=argtype(PathCheck("out_file"), "--save-fingerprint"),
+                   help="also save REFERENCE's fingerprint to this file")
     p.add_argument("--evaluate", action="store_true",
                    help="instead: build derived and unrelated models here and report true/false positive rates "
                         "(several minutes)")

@@ -59,7 +59,9 @@ def add_arguments(p):
     p.add_argument("--save-tensor", metavar="PT", type=argtype(PathCheck("out_file"), "--save-tensor"),
                    help="also save the float watermarked image as a .pt tensor (8-bit files leave the nullspace by "
                         "up to 1/510 per pixel; the tensor is exact)")
-    p.add_argument("--figure", metavar="PNG", type=argtype(PathCheck("figure"), "--figure"), help="also write a figure: watermark, original, watermarked, |noise|")
+    p.add_argument("--figure", metavar="PNG",
+                   type=argtype(PathCheck("figure"), "--figure"),
+                   help="also write a figure: watermark, original, watermarked, |noise|")
 
 
 def _load_image(spec: str, size, channels, what: str):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, Sequence
 

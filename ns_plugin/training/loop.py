@@ -81,7 +81,8 @@ def build_data(cfg: TrainConfig, model: nn.Module):
 
 def _check_data_classes(cfg: TrainConfig, model: nn.Module, train_set) -> Optional[List[str]]:
     """The training folder's class names, after checking they fit the model's outputs (before any work)."""
-    from ..validation import dataset_classes, match_classes, model_num_classes
+    from ..models import model_num_classes
+    from ..validation import dataset_classes, match_classes
     classes = dataset_classes(train_set)
     if classes is None and cfg.data == "digits":
         classes = [str(i) for i in range(10)]
