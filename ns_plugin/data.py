@@ -64,17 +64,91 @@ def tensors(ds: Dataset, limit: Optional[int] = None) -> Tuple[torch.Tensor, tor
     return torch.stack([a for a, _ in items]), torch.tensor([int(b) for _, b in items])
 
 
+def read_image(path: os.PathLike | str, what: str = "image", *, channels: Optional[int] = None) -> torch.Tensor:
+    """Read an image file as a float ``(C, H, W)`` tensor in [0, 1]: the one image reader of ns_plugin.
+
+    Conversions (each checked here): 8-bit images are divided by 255 and **16-bit** ones (PIL modes ``I;16*``,
+    and ``I`` with values in 0..65535) by 65535 (PIL's own ``convert("RGB")`` would saturate them); palette
+    images are expanded to their colours; transparency (``RGBA``, ``LA``, palette with transparency) is
+    composited on white; CMYK/YCbCr/LAB/HSV are converted to RGB; 1-bit images become grey; float images
+    (mode ``F``) must already lie in [0, 1]. Anything else is refused in one line. Grey images keep one
+    channel unless ``channels=3`` (repeated) is asked for; ``channels=1`` averages colour images.
+    """
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if path.is_dir():
+        raise NSPluginError(f"{what} {str(path)!r} is a folder, not an image file")
+    if not path.is_file():
+        raise NSPluginError(f"{what} file {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode.startswith("I;16"):
+                arr = np.asarray(im).astype(np.float32) / 65535.0
+            elif mode == "I":
+                raw = np.asarray(im)
+                if raw.size and (raw.min() < 0 or raw.max() > 65535):
+                    raise NSPluginError(f"{what} {str(path)!r} holds 32-bit integer pixels outside 0..65535; "
+                                        f"convert it to an 8- or 16-bit image")
+                arr = raw.astype(np.float32) / 65535.0
+            elif mode == "F":
+                arr = np.asarray(im).astype(np.float32)
+                if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1):
+                    raise NSPluginError(f"{what} {str(path)!r} holds float pixels outside [0, 1]; "
+                                        f"save it as an 8- or 16-bit image")
+            else:
+                if mode == "P":
+                    im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+                elif mode == "PA":
+                    im = im.convert("RGBA")
+                elif mode == "1":
+                    im = im.convert("L")
+                if im.mode in ("RGBA", "LA", "RGBa", "La"):
+                    grey = im.mode in ("LA", "La")
+                    rgba = im.convert("RGBA")
+                    bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    im = Image.alpha_composite(bg, rgba).convert("L" if grey else "RGB")
+                elif im.mode not in ("L", "RGB"):
+                    im = im.convert("RGB")
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+    except NSPluginError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise NSPluginError(f"cannot read {what} {str(path)!r} as an image ({e.__class__.__name__}); "
+                            f"remove or replace the file") from None
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+    if channels == 3 and t.shape[0] == 1:
+        t = t.expand(3, -1, -1).contiguous()
+    elif channels == 1 and t.shape[0] == 3:
+        t = t.mean(0, keepdim=True)
+    return t
+
+
 class _CheckedLoader:
-    """PIL loader that turns unreadable files into one clear error."""
+    """ImageFolder loader: :func:`read_image` as a 3-channel float tensor in [0, 1]. With ``pil=True``, plain
+    8-bit RGB / grey images (JPEGs, ordinary PNGs) come back as the PIL RGB image EasyRobust's and torchvision's
+    ``ImageFolder`` read, so PIL transforms (bicubic resize) give exactly EasyRobust's tensors; every other kind
+    (16-bit, palette, transparency, ...) still goes through :func:`read_image`. Finish transforms with
+    :class:`ToFloat`."""
+
+    def __init__(self, pil: bool = False):
+        self.pil = pil
 
     def __call__(self, path: str):
-        from PIL import Image, UnidentifiedImageError
-        try:
-            with open(path, "rb") as f:
-                return Image.open(f).convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise NSPluginError(f"cannot read image {path}: {e.__class__.__name__}; "
-                                f"remove or replace the file") from None
+        if self.pil:
+            from PIL import Image
+            try:
+                with Image.open(path) as im:
+                    if im.mode in ("RGB", "L"):
+                        im.load()
+                        return im.convert("RGB")
+            except Exception:  # noqa: BLE001 (read_image reports unreadable files in one line)
+                pass
+        return read_image(path, "image", channels=3)
 
 
 def scan_folder(root: os.PathLike | str) -> Tuple[List[str], List[Tuple[str, int]]]:
@@ -121,7 +195,22 @@ def _scanned_image_folder(root, classes, samples, transform):
         def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
             return list(samples)
 
-    return _Scanned(str(root), transform=transform, loader=_CheckedLoader(), allow_empty=True)
+    return _Scanned(str(root), transform=transform, loader=_CheckedLoader(pil=True), allow_empty=True)
+
+
+class ToFloat:
+    """The last step of every folder transform: a PIL image (what EasyRobust's ``ImageFolder`` reads) through
+    ``ToTensor``, a float tensor from :func:`read_image` unchanged. So one transform serves ns_plugin's
+    loader and EasyRobust's evaluators alike."""
+
+    def __call__(self, img):
+        if isinstance(img, torch.Tensor):
+            return img
+        from torchvision.transforms import functional as TF
+        return TF.to_tensor(img)
+
+    def __repr__(self):
+        return "ToFloat()"
 
 
 #: EasyRobust ``benchmarks/benchmark.py`` defaults: ``--crop-pct 0.875``, ``--interpolation 3`` (bicubic).
@@ -139,8 +228,8 @@ def eval_transform(input_size: int, crop_pct: float = EVAL_CROP_PCT):
     if not (isinstance(crop_pct, (int, float)) and 0 < crop_pct <= 1):
         raise NSPluginError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
     bicubic = transforms.InterpolationMode.BICUBIC
-    return transforms.Compose([transforms.Resize(int(input_size / crop_pct), interpolation=bicubic),
-                               transforms.CenterCrop(input_size), transforms.ToTensor()])
+    return transforms.Compose([transforms.Resize(int(input_size / crop_pct), interpolation=bicubic, antialias=True),
+                               transforms.CenterCrop(input_size), ToFloat()])
 
 
 def train_transform(input_size: int, augment: bool = True, crop_pct: float = EVAL_CROP_PCT):
@@ -151,8 +240,8 @@ def train_transform(input_size: int, augment: bool = True, crop_pct: float = EVA
     if not augment:
         return eval_transform(input_size, crop_pct)
     return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+        transforms.RandomResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+        transforms.RandomHorizontalFlip(), ToFloat()])
 
 
 def image_folder(root: os.PathLike | str, image_size: Optional[int] = None, *, resize: bool = True,
@@ -164,14 +253,12 @@ def image_folder(root: os.PathLike | str, image_size: Optional[int] = None, *, r
     benchmark uses 0.875) when ``resize`` is true; with ``resize=False`` an image of another size is an
     error. Images of different sizes need ``image_size`` (or a ``transform``) before they can be batched.
     """
-    from torchvision import transforms
-
     classes, samples = scan_folder(root)
     if transform is None:
         if image_size is not None and resize:
             transform = eval_transform(image_size, crop_pct)
         else:
-            transform = transforms.ToTensor()
+            transform = ToFloat()
     ds = _scanned_image_folder(root, classes, samples, transform)
     if image_size is not None and not resize:
         x, _ = ds[0]

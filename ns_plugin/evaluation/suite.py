@@ -129,7 +129,7 @@ def folder_accuracy(model: nn.Module, path, *, engine: str = "fast", evaluator: 
     """Top-1 accuracy (%) on an ImageFolder, or ``None`` when the folder does not exist (EasyRobust prints and
     skips; so do we, visibly, in the caller).
 
-    ``transform`` is the test transform (default ``ToTensor``: images must then share one size; use
+    ``transform`` is the test transform (default: none, images must then share one size; use
     :func:`ns_plugin.data.eval_transform`, EasyRobust's benchmark transform, for variable-size images).
 
     * ``engine="fast"``: ns_plugin's DataLoader (``workers`` decoding processes, pinned memory on CUDA),
@@ -144,8 +144,8 @@ def folder_accuracy(model: nn.Module, path, *, engine: str = "fast", evaluator: 
     if not path.is_dir():
         return None
     if transform is None:
-        from torchvision import transforms
-        transform = transforms.ToTensor()
+        from ..data import ToFloat
+        transform = ToFloat()
     if engine == "easyrobust":
         import easyrobust.benchmarks as eb
         return float(_quiet(getattr(eb, evaluator), model, str(path), test_batchsize=batch_size,
