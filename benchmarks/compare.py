@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     main_rank = int(os.environ.get("RANK", "0")) == 0   # under torchrun only rank 0 prints
 
     def body() -> int:
-        cfg = load_comparison_config(a.config)
+        # a smoke run replaces the config's data folders: those of the real run need not exist here
+        cfg = load_comparison_config(a.config, check_paths=not a.smoke)
         if a.quick:
             cfg = load_comparison_config(a.config, **quick_overrides(cfg))
         subs = []

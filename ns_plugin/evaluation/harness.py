@@ -354,8 +354,10 @@ class Comparison:
         if run.get("method") is None:
             def baseline():
                 from ..training.loop import build_model
+                tr = self.cfg["training"]   # the model the other rows start from: same weights source and head
                 cfgt = load_config(None, method="standard", model=self.cfg["model"], data=self.cfg["data"],
-                                   seed=self.cfg["seed"], progress=self.progress)
+                                   seed=self.cfg["seed"], progress=self.progress,
+                                   **{k: tr[k] for k in ("pretrained", "num_classes", "checkpoint") if k in tr})
                 model = build_model(cfgt, progress=self.progress)
                 save_checkpoint(ck, model, meta={"arch": _arch(self.cfg), "run": run["name"], "method": None})
                 self._timing(run["name"], finetune_seconds=0.0)

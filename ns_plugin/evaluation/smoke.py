@@ -186,6 +186,11 @@ def smoke_config(cfg: dict, data_root: os.PathLike, size: str = "full"):
               noise_max_steps=sz["noise_steps"], pgd_steps=sz["attack_steps"], dat_steps=1, probe=False,
               plot=size == "full", progress=False, workers=0 if size == "quick" else 1)
     tr.pop("world_size", None)
+    from ..data import scan_folder
+    k = len(scan_folder(Path(data_root) / "train")[0])
+    if tr.get("num_classes") != k:   # a new head, as when fine-tuning an ImageNet model on a k-class folder
+        subs.append(f"classifier head -> {k} classes (the toy folder's)")
+        tr["num_classes"] = k
     runs = c["runs"]
     if sz["rows"]:   # quick: the baseline, the first fine-tuned row, and the first DAT-family row (VQGAN at 224)
         trained = [r for r in runs[1:] if r.get("method")]
@@ -198,6 +203,9 @@ def smoke_config(cfg: dict, data_root: os.PathLike, size: str = "full"):
             r["vqgan"] = "small_f8"
         if r.get("pretrained"):
             r["pretrained"] = False
+        if r.get("init"):   # a checkpoint path / URL of the real run: not here, random init instead
+            subs.append(f"init {r['init']} -> random init")
+            r["init"] = None
     if any((r.get("method") or "").startswith("dat") for r in runs) and tr.get("vqgan", "small") == "small":
         tr["vqgan"] = "small_f8"
     c["runs"] = runs
