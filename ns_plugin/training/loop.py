@@ -230,7 +230,8 @@ def _fetch(ds, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def search_and_broadcast(raw: nn.Module, data, cfg: TrainConfig, rnd: int, *,
                          init: Optional[torch.Tensor] = None, world: int = 1, rank: int = 0,
-                         device: Optional[torch.device] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
+                         device: Optional[torch.device] = None, confirm: Optional[torch.Tensor] = None
+                         ) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """Run ``ns_plugin.nullspace.approximate.search_noise`` on rank 0 (fp32, eval mode, unwrapped model,
     init seeded by ``(cfg.seed, rnd)``) and ``dist.broadcast`` the noise and its statistics to every rank.
 
@@ -241,7 +242,7 @@ def search_and_broadcast(raw: nn.Module, data, cfg: TrainConfig, rnd: int, *,
 
     device = device or next(raw.parameters()).device
     n, d = token_shape(raw)
-    stats = torch.zeros(5, dtype=torch.float64, device=device)
+    stats = torch.zeros(6, dtype=torch.float64, device=device)
     if rank == 0:
         from ..nullspace.approximate import search_noise
 
@@ -252,13 +253,15 @@ def search_and_broadcast(raw: nn.Module, data, cfg: TrainConfig, rnd: int, *,
             with torch.autocast(device.type, enabled=False):
                 noise, rec = search_noise(raw, data, eps=cfg.eps, lim=cfg.lim, lr=cfg.noise_lr,
                                           max_steps=cfg.noise_max_steps, init=init, mode=cfg.search,
-                                          batch_size=cfg.search_batch_size, generator=g, progress=False)
+                                          batch_size=cfg.search_batch_size, generator=g, progress=False,
+                                          confirm=confirm)
         finally:
             raw.train(was)
             for p in raw.parameters():
                 p.grad = None
         noise = noise.detach().float().reshape(1, n, d).to(device)
-        stats = torch.tensor([rec.steps, rec.mse_prob, rec.norm, float(bool(rec.reached)), rec.seconds],
+        cm = float("nan") if rec.confirm_mse_prob is None else rec.confirm_mse_prob
+        stats = torch.tensor([rec.steps, rec.mse_prob, rec.norm, float(bool(rec.reached)), rec.seconds, cm],
                              dtype=torch.float64, device=device)
     else:
         noise = torch.zeros(1, n, d, device=device)
@@ -267,8 +270,11 @@ def search_and_broadcast(raw: nn.Module, data, cfg: TrainConfig, rnd: int, *,
         dist.broadcast(noise, 0)
         dist.broadcast(stats, 0)
     s = stats.tolist()
-    return noise, {"noise_steps": int(s[0]), "mse_prob": s[1], "noise_norm": s[2], "reached": bool(s[3]),
-                   "search_seconds": s[4]}
+    out = {"noise_steps": int(s[0]), "mse_prob": s[1], "noise_norm": s[2], "reached": bool(s[3]),
+           "search_seconds": s[4]}
+    if confirm is not None or (rank != 0 and cfg.stop_confirm_batches):
+        out["confirm_mse_prob"] = s[5]
+    return noise, out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -372,8 +378,37 @@ class Trainer:
         ``search_batch_size`` training images: searched on rank 0 in fp32 and eval mode with the unwrapped
         model, then broadcast to every rank."""
         data = self.search_data() if self.is_main else None
+        confirm = self.confirm_images() if self.is_main else None
         return search_and_broadcast(self.raw, data, self.cfg, rnd, init=init, world=self.world, rank=self.rank,
-                                    device=self.device)
+                                    device=self.device, confirm=confirm)
+
+    def confirm_images(self) -> Optional[torch.Tensor]:
+        """``stop_confirm_batches`` x ``search_batch_size`` fixed training images (seeded by the run's seed, the
+        same every round) on which a candidate stop of the noise search must hold too; None when off."""
+        k = self.cfg.stop_confirm_batches
+        if not k:
+            return None
+        g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + 15_485_863)
+        n = min(k * self.cfg.search_batch_size, len(self.train_set))
+        idx = torch.randperm(len(self.train_set), generator=g)[:n]
+        return _fetch(self.train_set, idx)[0]
+
+    def heldout_images(self) -> Optional[torch.Tensor]:
+        """Up to ``heldout_size`` held-out images (never trained on, never used by the search): the digits'
+        validation split, or ``val/`` of a data folder; None when there are none or ``heldout_size`` is 0.
+        Every NS-style round logs its noise's MSE probability on them (``heldout_mse_prob``)."""
+        if not hasattr(self, "_heldout"):
+            self._heldout = None
+            n = self.cfg.heldout_size
+            if n:
+                from ..data import image_folder, load_digits, tensors
+                if self.cfg.data == "digits":
+                    self._heldout = load_digits(seed=0).val.tensors[0][:n]
+                elif (Path(self.cfg.data) / "val").is_dir():
+                    from ..models import input_size
+                    size = self.cfg.image_size or ((input_size(self.raw) or (3, None, None))[1])
+                    self._heldout = tensors(image_folder(Path(self.cfg.data) / "val", size), n)[0]
+        return self._heldout
 
     @torch.no_grad()
     def mse_prob(self, noise: torch.Tensor, rnd: int = 0) -> float:
