@@ -16,6 +16,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ns_plugin", "ns_plugin.*"]),
+    # the embedded default model's weights (safetensors, SHA-256 checked on load; see ns_plugin.embedded)
+    package_data={"ns_plugin": ["weights/*.safetensors"]},
     install_requires=[
         "torch>=2.1",
         "torchvision",
