@@ -69,3 +69,21 @@ def test_compare_paired_verdicts_only_when_significant():
     assert not c2.significant and st.format_comparison(c2)[-1] == "n.s."
     assert st.format_comparison(c1)[-1] == "NS > ViT"
     assert len(st.format_comparison(c1)) == len(st.COMPARISON_HEADER)
+
+
+def test_paper_comparisons_and_seeded_summaries():
+    tables = {"table2": ["ViT", "ViT + NS", "DAT", "DAT + NS"], "table3": ["ViT", "Madry", "TRADES", "ViT + NS"],
+              "table4": [["0.01", "NS eps=0.01", "random eps=0.01"]]}
+    assert st.paper_comparisons(tables) == [("ViT + NS", "ViT"), ("DAT + NS", "DAT"), ("ViT + NS", "Madry"),
+                                            ("ViT + NS", "TRADES"), ("NS eps=0.01", "random eps=0.01")]
+    cor = lambda a: {"noise": {1: a, 2: a}}  # noqa: E731
+    evals = {"ViT": {0: {"Clean": 80.0, "corruptions": cor(50.0), "per_image": {"Clean": "1" * 8 + "00"}}},
+             "ViT + NS": {s: {"Clean": 90.0 + s, "corruptions": cor(75.0), "per_image": {"Clean": "1" * 9 + "0"}}
+                          for s in (0, 1, 2)}}
+    rows = st.summarize_runs(evals, ["Clean", "C"], baseline="ViT")
+    assert rows["ViT + NS"]["Clean"].mean == pytest.approx(91) and rows["ViT + NS"]["Clean"].n == 3
+    assert rows["ViT + NS"]["C"].mean == pytest.approx(50.0)        # half the baseline's error
+    assert rows["ViT"]["Clean"].sd is None
+    comps = st.paired_tests(evals, [("ViT + NS", "ViT")])
+    assert len(comps) == 1 and comps[0].combined.a_only == 3 and comps[0].combined.b_only == 0
+    assert comps[0].p_adjusted == pytest.approx(0.25) and comps[0].significant is False

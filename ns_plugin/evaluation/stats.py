@@ -236,3 +236,84 @@ def format_comparison(c: PairedComparison) -> List[str]:
 
 COMPARISON_HEADER = ["Metric", "A", "B", "A − B (pp) mean ± sd [95% CI]", "per seed: A-only/B-only, exact McNemar p",
                      "pooled A-only/B-only", "combined p", "Holm p", "verdict (α = 0.05)"]
+
+
+# ----------------------------------------------------------------------------------------------- the harness's use
+#: Columns whose per-image correctness an evaluation stores (``eval["per_image"][col]``, a "0101..." string).
+PAIRED_COLUMNS = ("Clean", "FGSM", "PGD", "CW", "PatchFool", "AutoAttack", "DamageNet", "A", "V2", "R", "Sketch",
+                  "Stylized")
+
+
+def bits(v) -> str:
+    """Per-image correctness as a compact ``"0101..."`` string (what result JSON files store)."""
+    return "".join("1" if b else "0" for b in _as_bools(v, "correctness"))
+
+
+def paper_comparisons(tables: Mapping[str, object]) -> List[Tuple[str, str]]:
+    """The comparisons the paper makes, read from a comparison config's ``tables``: Table 2 rows in pairs
+    (ViT + NS vs ViT, DAT + NS vs DAT), Table 3's last row (NS) vs each other row (Madry, TRADES, ...),
+    Table 4's nullspace vs random at each ε. Returned as ``(A, B)`` pairs, without repeats."""
+    pairs: List[Tuple[str, str]] = []
+    t2 = list(tables.get("table2") or [])
+    pairs += [(t2[i], t2[i - 1]) for i in range(1, len(t2), 2)]
+    t3 = list(tables.get("table3") or [])
+    if len(t3) > 1:
+        pairs += [(t3[-1], other) for other in t3[:-1]]
+    for row in tables.get("table4") or []:
+        pairs.append((row[1], row[2]))
+    seen, out = set(), []
+    for p in pairs:
+        if p not in seen and p[0] != p[1]:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def _pick(by_seed: Mapping[int, object], seed: int):
+    """The result of ``seed``, or the only one (a run without seed dependence)."""
+    if seed in by_seed:
+        return by_seed[seed]
+    return next(iter(by_seed.values())) if len(by_seed) == 1 else None
+
+
+def summarize_runs(evals: Mapping[str, Mapping[int, Mapping[str, object]]], columns: Sequence[str],
+                   baseline: Optional[str] = None, level: float = 0.95) -> Dict[str, Dict[str, Optional[Summary]]]:
+    """``{run: {column: Summary over seeds}}``; ``C`` is each seed's mCE against the baseline's same seed."""
+    from .suite import mce
+    out: Dict[str, Dict[str, Optional[Summary]]] = {}
+    for name, by_seed in evals.items():
+        row: Dict[str, Optional[Summary]] = {}
+        for col in columns:
+            vals = []
+            for s, e in sorted(by_seed.items()):
+                if col == "C":
+                    base = _pick(evals.get(baseline, {}), s) if baseline else None
+                    if base and e.get("corruptions") and base.get("corruptions"):
+                        vals.append(mce(e["corruptions"], base["corruptions"]))
+                elif e.get(col) is not None:
+                    vals.append(float(e[col]))
+            row[col] = summarize(vals, level) if vals else None
+        out[name] = row
+    return out
+
+
+def paired_tests(evals: Mapping[str, Mapping[int, Mapping[str, object]]], pairs: Sequence[Tuple[str, str]],
+                 columns: Sequence[str] = PAIRED_COLUMNS, alpha: float = 0.05) -> List[PairedComparison]:
+    """For every ``(A, B)`` pair and column with per-image results in both, the paired exact tests over the
+    seeds both have; Holm-adjusted over the whole family."""
+    comps = []
+    for a, b in pairs:
+        if a not in evals or b not in evals:
+            continue
+        for col in columns:
+            def vec(run):
+                return {s: [c == "1" for c in e["per_image"][col]] for s, e in evals[run].items()
+                        if isinstance(e.get("per_image"), dict) and e["per_image"].get(col)}
+            va, vb = vec(a), vec(b)
+            if not va or not vb:
+                continue
+            try:
+                comps.append(compare_paired(a, b, col, va, vb))
+            except NSPluginError:   # no seed in common
+                continue
+    return adjust(comps, alpha)
