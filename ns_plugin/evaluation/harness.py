@@ -37,6 +37,7 @@ DEMO_CONFIG: Dict[str, Any] = {
     "data": "digits",
     "model": "default",
     "seed": 0,
+    "seeds": [0, 1, 2],
     "training": {"rounds": 5, "steps_per_round": 12, "batch_size": 64, "lr": 1e-4, "search_batch_size": 64,
                  "noise_max_steps": 300, "pgd_steps": 3, "pgd_alpha": 3 / 255, "plot": True},
     "runs": [
@@ -53,10 +54,10 @@ DEMO_CONFIG: Dict[str, Any] = {
         {"name": "NS eps=0.1", "method": "ns", "eps": 0.1},
         {"name": "random eps=0.1", "method": "random", "eps": 0.1},
     ],
-    "eval": {"n_attack": 120, "fgsm_eps": 1 / 255, "pgd": {"eps": 2 / 255, "alpha": 0.5 / 255, "steps": 10},
+    "eval": {"n_attack": None, "fgsm_eps": 1 / 255, "pgd": {"eps": 2 / 255, "alpha": 0.5 / 255, "steps": 10},
              "cw": {"c": 1.0, "steps": 30, "lr": 0.01}, "patchfool": {"patches": 1, "steps": 30},
              "autoattack": None, "damagenet": None, "engine": "fast", "severities": [1, 2, 3, 4, 5],
-             "corruptions": "all"},
+             "corruptions": "all", "surrogate_sets": True},
     "tables": {
         "table2": ["ViT", "ViT + NS", "DAT", "DAT + NS"],
         "table3": ["ViT", "Madry", "TRADES", "ViT + NS"],
@@ -65,7 +66,7 @@ DEMO_CONFIG: Dict[str, Any] = {
     },
 }
 
-_TOP_KEYS = {"name", "data", "model", "seed", "training", "runs", "eval", "tables"}
+_TOP_KEYS = {"name", "data", "model", "seed", "seeds", "training", "runs", "eval", "tables"}
 _EVAL_KEYS = set(DEMO_CONFIG["eval"])
 _TABLE_KEYS = {"table2", "table3", "table4"}
 
@@ -114,6 +115,9 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
                 raise NSPluginError(f"unknown key {k!r} in {where}{hint} (known: {', '.join(sorted(known))})")
 
     unknown(cfg, _TOP_KEYS, "the comparison config")
+    if "seeds" in cfg:
+        from .seeds import check_seeds
+        check_seeds(cfg["seeds"])
     unknown(cfg["eval"], _EVAL_KEYS, "eval")
     unknown(cfg["tables"], _TABLE_KEYS, "tables")
     train_keys = {f.name for f in __import__("dataclasses").fields(tc.TrainConfig)} - {"method", "model", "data"}
@@ -214,6 +218,12 @@ class Comparison:
                 self.log(f"writing EasyRobust-layout benchmark folders to {root} (once; cached)")
                 write_benchmark_folders(root, test, fresh=fresh, severities=sev, corruptions=cors,
                                         progress=self.progress)
+            if cfg["eval"].get("surrogate_sets"):
+                from .surrogate_sets import ensure_surrogate_sets
+                if not ((root / "damagenet").is_dir() and (root / "imagenet-a").is_dir()):
+                    self.log("building the DamageNet-style and ImageNet-A-style sets from independent surrogates "
+                             "(once; cached)")
+                ensure_surrogate_sets(root, test, progress=self.progress)
         else:
             root = Path(cfg["data"])
             if not (root / "imagenet-val").is_dir():
@@ -270,28 +280,36 @@ class Comparison:
 
     # -- evaluation -----------------------------------------------------------------------------------------
     def evaluate(self, run: Dict[str, Any], ck: Path, root: Path, test) -> Dict[str, Any]:
-        from .suite import SHIFT_FOLDERS, attack_accuracy, corruption_accuracies, folder_accuracy
+        from .stats import bits
+        from .suite import SHIFT_FOLDERS, attack_correct, corruption_accuracies, correct_mask, folder_accuracy
         path = self.out / "evals" / f"{_slug(run['name'])}.json"
         if path.is_file():
             return json.loads(path.read_text())
         ev = self.cfg["eval"]
         model = _load(ck)
-        res: Dict[str, Any] = {"name": run["name"], "notes": {}}
+        res: Dict[str, Any] = {"name": run["name"], "notes": {}, "seed": self.cfg["seed"], "per_image": {}}
+        torch_seed(self.cfg["seed"])          # attacks with random starts (PGD) are seeded by the run's seed
         t0 = time.time()
         res["Clean"] = folder_accuracy(model, root / "imagenet-val", engine="easyrobust")
         res["clean_images_per_s"] = round(len(test[1]) / max(time.time() - t0, 1e-9), 1)
-        x, y = test[0][:ev["n_attack"]], test[1][:ev["n_attack"]]
-        from .suite import top1
-        res["clean_attack_subset"] = top1(model, x, y)  # attacks run on these images only
+        res["per_image"]["Clean"] = bits(correct_mask(model, test[0], test[1]))
+        n_att = ev["n_attack"] or len(test[1])   # None: the whole test split
+        x, y = test[0][:n_att], test[1][:n_att]
+        res["n_attack"] = int(len(y))
+        res["clean_attack_subset"] = 100.0 * float(correct_mask(model, x, y).float().mean())  # attacks use these
         for col, atk in self._attacks(model).items():
             if isinstance(atk, str):
                 res[col], res["notes"][col] = None, atk
                 continue
-            acc, ips = attack_accuracy(model, atk, x, y)
-            res[col], res[f"{col}_images_per_s"] = acc, round(ips, 1)
-        dn = ev.get("damagenet")
+            ok, ips = attack_correct(model, atk, x, y)
+            res[col], res[f"{col}_images_per_s"] = 100.0 * float(ok.float().mean()), round(ips, 1)
+            res["per_image"][col] = bits(ok)
+        dn = ev.get("damagenet") or (root / "damagenet" if (root / "damagenet").is_dir() else None)
         if dn and Path(dn).is_dir():
             res["DamageNet"] = folder_accuracy(model, dn, engine="fast")
+            if self.cfg["data"] == "digits":
+                from .suite import folder_tensors
+                res["per_image"]["DamageNet"] = bits(correct_mask(model, *folder_tensors(dn)))
         else:
             res["DamageNet"], res["notes"]["DamageNet"] = None, "skipped: no DamageNet folder configured"
         res["corruptions"] = corruption_accuracies(model, root / "imagenet-c", engine=ev["engine"],
@@ -304,6 +322,9 @@ class Comparison:
             res[col] = acc
             if acc is None:
                 res["notes"][col] = f"skipped: no {folder}/ folder"
+            elif self.cfg["data"] == "digits":     # small folders: per-image results for the paired tests
+                from .suite import folder_tensors
+                res["per_image"][col] = bits(correct_mask(model, *folder_tensors(root / folder)))
         res["eval_seconds"] = round(time.time() - t0, 2)
         _write_json(path, res)
         return json.loads(path.read_text())  # the same (JSON-typed) record whether fresh or resumed
@@ -348,7 +369,7 @@ class Comparison:
         md = io.StringIO()
         flag = " (PARTIAL: the run was interrupted; resume to complete)" if partial else ""
         md.write(f"# {self.cfg['name']}: robustness comparison{flag}\n\n")
-        md.write(f"Attacks run on the first {self.cfg['eval']['n_attack']} test images (FGSM ε={self.cfg['eval']['fgsm_eps'] * 255:.3g}/255, "
+        md.write(f"Attacks run on the first {self.cfg['eval']['n_attack'] or 'all'} test images (FGSM ε={self.cfg['eval']['fgsm_eps'] * 255:.3g}/255, "
                  f"PGD ε={self.cfg['eval']['pgd']['eps'] * 255:.3g}/255 x{self.cfg['eval']['pgd']['steps']}, CW L2 c={self.cfg['eval']['cw']['c']}, "
                  f"PatchFool {self.cfg['eval']['patchfool'].get('patches', 1)} patch); Clean is the whole test set. ")
         md.write(f"C is the mCE against the baseline run ({self.baseline_name!r} = 100), lower is better; the "
@@ -565,6 +586,20 @@ def _write_csv(path: Path, header: List[str], rows: List[List[Any]]) -> None:
     _write_text(path, buf.getvalue())
 
 
+def torch_seed(seed: int) -> None:
+    import torch
+    torch.manual_seed(int(seed))
+
+
 def run_comparison(cfg: Dict[str, Any], out: os.PathLike, *, progress: bool = True, log=print) -> Dict[str, Any]:
-    """Run (or resume) a comparison into ``out``; returns the tables text and the summary."""
+    """Run (or resume) a comparison into ``out``; returns the tables text and the summary. With ``seeds`` of
+    two or more, every seed is a complete comparison in ``out/seed_<s>/`` and ``out/`` gets the tables over
+    seeds with paired tests (:mod:`ns_plugin.evaluation.seeds`)."""
+    seeds = cfg.get("seeds")
+    if seeds is not None and len(seeds) > 1:
+        from .seeds import run_seeded
+        return run_seeded(cfg, out, progress=progress, log=log)
+    if seeds:
+        cfg = dict(cfg, seed=seeds[0])
+    cfg = {k: v for k, v in cfg.items() if k != "seeds"}
     return Comparison(cfg, out, progress=progress, log=log).run()
