@@ -16,8 +16,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ns_plugin", "ns_plugin.*"]),
-    # the embedded default model's weights (safetensors, SHA-256 checked on load; see ns_plugin.embedded)
-    package_data={"ns_plugin": ["weights/*.safetensors"]},
+    # demo config and the embedded default model's weights (safetensors, SHA-256 checked on load)
+    package_data={"ns_plugin": ["configs/*.yaml", "weights/*.safetensors"]},
     install_requires=[
         "torch>=2.1",
         "torchvision",
@@ -54,6 +54,6 @@ setup(
             "DamageNet=ns_plugin.attacks.damagenet:DamageNet",
         ],
         # callables that register timm models (ns_vit_digits) when a tool wants them
-        "timm.plugins": ["ns_plugin=ns_plugin.registry:register_timm_digits"],
+        "timm.plugins": ["ns_plugin=ns_plugin.integrations.timm:register_timm_digits"],
     },
 )

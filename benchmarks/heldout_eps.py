@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     from ns_plugin.data import load_digits
     from ns_plugin.embedded import default_model
-    from ns_plugin.nullspace.approximate import mse_probability, search_noise
+    from ns_plugin.nullspace.metrics import mse_probability
+    from ns_plugin.nullspace.search import search_noise
 
     model, _ = default_model(progress=False)
     d = load_digits(seed=0)

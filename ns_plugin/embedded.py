@@ -152,9 +152,9 @@ def default_model(*, seed: int = 0, epochs: int = 30, progress: bool = True, cac
     verified), identical on every machine. Other seeds/epochs, or ``source="train"``: trained here by
     :func:`train_default_model` (from the cache when a checkpoint for ``(seed, epochs)`` exists, else trained
     now and cached atomically); these depend on the machine's float rounding."""
-    from .checkpoint import read_checkpoint, load_into, save_checkpoint
+    from .checkpoint import read_checkpoint, save_checkpoint
     from .errors import NSPluginError
-    from .models import build_default_model
+    from .models import create_model
 
     if source not in ("packaged", "train"):
         raise NSPluginError(f"source must be 'packaged' or 'train', got {source!r}")
@@ -163,9 +163,8 @@ def default_model(*, seed: int = 0, epochs: int = 30, progress: bool = True, cac
 
     path = cache_dir() / f"vit_digits_s{seed}_e{epochs}.pth"
     if cache and path.is_file():
-        ckpt = read_checkpoint(path)
-        model = load_into(build_default_model(), ckpt["state_dict"], source=str(path)).eval()
-        return model, dict(ckpt["meta"].get("metrics", {}))
+        model = create_model("ns_vit_digits", checkpoint=path).eval()
+        return model, dict(read_checkpoint(path)["meta"].get("metrics", {}))
     model, metrics = train_default_model(seed=seed, epochs=epochs, progress=progress)
     if cache:
         save_checkpoint(path, model, meta={"arch": "ns_vit_digits", "seed": seed, "epochs": epochs,

@@ -47,7 +47,7 @@ def _small_set(digits, n=48):
 
 
 def test_registry_lists_every_method_and_unknown_names_fail():
-    from ns_plugin.registry import trainers
+    from ns_plugin.training import trainers
     import ns_plugin.training  # noqa: F401  (registers)
     assert set(METHODS) <= set(trainers.names())
     with pytest.raises(NSPluginError, match=r"unknown trainer 'nss'.*did you mean 'ns'.*known: .*dat_ns.*trades"):
@@ -106,7 +106,7 @@ def test_ns_noise_is_the_searched_noise_and_enters_the_loss(model, digits):
 def test_random_noise_is_eps_noise_on_the_search_batch(model, digits):
     """The paper's ablation: the random noise's MSE probability on the round's search batch is below eps,
     measured independently of the method's own log."""
-    from ns_plugin.nullspace.approximate import mse_probability
+    from ns_plugin.nullspace.metrics import mse_probability
     from ns_plugin.training.loop import Trainer
     t = Trainer(_cfg(method="random", rounds=1, steps_per_round=1), model=model, train_set=_small_set(digits))
     row = t.method.begin_round(t, 0)
@@ -245,7 +245,7 @@ def test_train_one_epoch_entry_for_easyrobust_scripts(model, digits):
     """EasyRobust's/timm's train_one_epoch signature, with timm's NativeScaler-free path and ModelEmaV2."""
     import argparse
     from timm.utils import ModelEmaV2
-    from ns_plugin.training import train_one_epoch
+    from ns_plugin.integrations.easyrobust import train_one_epoch
     x, y = _small_set(digits, 32).tensors
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     args = argparse.Namespace(ns_method="ns", steps_per_round=2, search_batch_size=8, clip_grad=1.0)

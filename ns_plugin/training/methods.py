@@ -7,7 +7,7 @@ A method sees the :class:`ns_plugin.training.loop.Trainer` ``t`` and uses
 - ``t.autocast()`` (AMP on CUDA, a no-op otherwise), ``t.cfg`` (:class:`TrainConfig`),
 - ``t.find_noise(round, init)`` (the ε-approximate noise search, identical on every rank).
 
-Registered in :data:`ns_plugin.registry.trainers`:
+Registered in :data:`ns_plugin._registry.trainers`:
 
 ========== =====================================================================================
 standard   CE(clean): plain fine-tuning with the same schedule (the baseline of 001 Table 2)
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NSPluginError
-from ..registry import trainers
+from .._registry import trainers
 
 Parts = Dict[str, float]
 
@@ -111,7 +111,7 @@ class _NoiseMixin:
         ε-region in general)."""
         x = t.heldout_images() if t.is_main else None
         if x is not None:
-            from ..nullspace.approximate import mse_probability
+            from ..nullspace.metrics import mse_probability
             stats["heldout_mse_prob"] = mse_probability(t.raw, x.to(t.device), noise)
         return stats
 
@@ -155,7 +155,7 @@ class RandomNoise(Nullspace):
 
     def begin_round(self, t, rnd):
         from ..anatomy import token_shape
-        from ..nullspace.approximate import mse_probability
+        from ..nullspace.metrics import mse_probability
 
         g = torch.Generator().manual_seed(_round_seed(self.cfg.seed, rnd, 2))
         n, d = token_shape(t.raw)
