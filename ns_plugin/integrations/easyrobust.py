@@ -65,6 +65,10 @@ class _ScriptContext:
         return search_and_broadcast(self.raw, x, self.cfg, rnd, init=init, world=self.world, rank=self.rank,
                                     device=self.device)
 
+    def search_images(self, rnd=0):
+        """The images the noise of this round is measured on: the script's current batch."""
+        return self.x[: self.cfg.search_batch_size]
+
     @torch.no_grad()
     def mse_prob(self, noise, rnd=0):
         from ..anatomy import inject_noise

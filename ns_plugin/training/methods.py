@@ -109,7 +109,8 @@ class _NoiseMixin:
         """Add ``heldout_mse_prob``: the noise's MSE probability on the fixed held-out images, next to the
         stopping batch's ``mse_prob`` (below ε by construction, so not evidence that the noise is inside the
         ε-region in general)."""
-        x = t.heldout_images() if t.is_main else None
+        held = getattr(t, "heldout_images", None)     # a foreign script's context may have no held-out set
+        x = held() if held is not None and getattr(t, "is_main", True) else None
         if x is not None:
             from ..nullspace.metrics import mse_probability
             stats["heldout_mse_prob"] = mse_probability(t.raw, x.to(t.device), noise)
