@@ -53,6 +53,7 @@ def seed_config(cfg: Mapping[str, Any], seed: int) -> Dict[str, Any]:
     """The single-seed comparison config of ``seed``."""
     sub = {k: copy.deepcopy(v) for k, v in cfg.items() if k != "seeds"}
     sub["seed"] = int(seed)
+    sub["name"] = f"{cfg['name']}_s{seed}"     # timm names of the checkpoints stay distinct across seeds
     return sub
 
 
@@ -123,7 +124,10 @@ def seeded_markdown(cfg: Mapping[str, Any], seeds, summaries, comps: List[st.Pai
                  f"{'all' if not ev['n_attack'] else 'the first ' + str(ev['n_attack'])} test images (FGSM "
                  f"ε={ev['fgsm_eps'] * 255:.3g}/255, PGD ε={ev['pgd']['eps'] * 255:.3g}/255 x{ev['pgd']['steps']}, "
                  f"CW L2 c={ev['cw']['c']}, PatchFool {ev['patchfool'].get('patches', 1)} patch). C is the mCE against "
-                 f"the baseline run of the same seed (= 100, lower is better). Per-seed tables: seed_<s>/tables.md.\n")
+                 f"the baseline run of the same seed (= 100, lower is better). Madry / TRADES train with PGD "
+                 f"ε={cfg['training'].get('pgd_eps', 8 / 255) * 255:.3g}/255, step "
+                 f"{cfg['training'].get('pgd_alpha', 2 / 255) * 255:.3g}/255, {cfg['training'].get('pgd_steps', 10)} "
+                 f"steps. Per-seed tables: seed_<s>/tables.md.\n")
     tabs = cfg["tables"]
 
     def label(name):
