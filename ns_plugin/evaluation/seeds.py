@@ -264,9 +264,10 @@ def report(cfg: Mapping[str, Any], out: Path, seeds, *, partial: bool = False) -
     return {"tables": md["text"], **summary}
 
 
-def run_seeded(cfg: Mapping[str, Any], out: os.PathLike, *, progress: bool = True, log=print) -> Dict[str, Any]:
+def run_seeded(cfg: Mapping[str, Any], out: os.PathLike, *, progress: bool = True, log=None) -> Dict[str, Any]:
     """Run (or resume) the comparison once per seed and write the seeded report (see the module docstring)."""
-    from .harness import Comparison, config_hash, validate_config
+    from .harness import Comparison, config_hash, logger, validate_config
+    log = log if log is not None else logger.info
     seeds = check_seeds(cfg["seeds"])
     cfg = validate_config(copy.deepcopy(dict(cfg)))
     out = Path(out)
