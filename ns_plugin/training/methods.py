@@ -159,7 +159,7 @@ class RandomNoise(Nullspace):
         from ..anatomy import token_shape
         from ..nullspace.metrics import mse_probability
 
-        g = torch.Generator().manual_seed(_round_seed(self.cfg.seed, rnd, 2))
+        g = torch.Generator().manual_seed(round_seed(self.cfg.seed, rnd, 2))
         n, d = token_shape(t.raw)
         noise = torch.randn(1, n, d, generator=g).to(t.device)   # same on every rank (same seed)
         x = t.search_images(rnd)
