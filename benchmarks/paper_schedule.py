@@ -45,7 +45,7 @@ METHODS = {"ViT": None, "ViT + FT": "standard", "ViT + NS": "ns", "random": "ran
            "TRADES": "trades"}
 #: The comparisons the paper makes (A vs B), each tested on every metric with paired exact tests.
 COMPARISONS = [("ViT + NS", "ViT"), ("ViT + NS", "ViT + FT"), ("ViT + NS", "random"), ("ViT + NS", "Madry"),
-               ("ViT + NS", "TRADES"), ("ViT + FT", "ViT")]
+               ("ViT + NS", "TRADES"), ("ViT + FT", "ViT"), ("random", "ViT")]
 PAIRED_METRICS = ["Clean", "FGSM", "PGD", "DamageNet", "A", "V2", "R", "Sketch", "Stylized"]
 TABLE_COLS = ["Clean", "FGSM", "PGD", "DamageNet", "A", "C", "V2", "R", "Sketch", "Stylized"]
 SET_COLS = {"DamageNet": "damagenet", "A": "imagenet-a"}
