@@ -65,7 +65,6 @@ def _finish(tmp: Path, final: Path, manifest: Dict[str, object]) -> Path:
 
 
 def _fresh_tmp(final: Path) -> Path:
-    import shutil
     import tempfile
     final.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))

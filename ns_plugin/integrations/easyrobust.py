@@ -28,7 +28,8 @@ from ..training.config import TrainConfig
 
 #: TrainConfig fields a script's ``args`` may set for the method (the rest belong to the script).
 METHOD_KEYS = ("eps", "lim", "noise_lr", "noise_max_steps", "search", "search_batch_size", "warm_start",
-               "random_norm", "random_shrink", "stop_confirm_batches", "heldout_size", "pgd_eps", "pgd_alpha", "pgd_steps", "madry_clean_weight", "trades_beta",
+               "random_norm", "random_shrink", "stop_confirm_batches", "heldout_size", "pgd_eps", "pgd_alpha",
+               "pgd_steps", "madry_clean_weight", "trades_beta",
                "vqgan", "vqgan_seed", "dat_eps", "dat_steps", "dat_lr", "dat_random_start_prob",
                "steps_per_round", "seed")
 
