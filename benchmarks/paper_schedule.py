@@ -16,8 +16,8 @@ PGD ε 2/255 α 0.5/255 x 10 (8/255 breaks every model on digits), the 15 ImageN
 ImageNet-A-style sets made with independent surrogate models (:mod:`ns_plugin.evaluation.surrogate_sets`).
 
 Departures from the paper, forced by the CPU budget (2 cores shared by six jobs): batch 8 (paper 128) and
-noise-search batch 32 (paper 128); fine-tuning lr 1e-4 (paper 1e-5 for ViT-B; the tiny model was trained from scratch at 2e-3). ``--batch-size``,
-``--search-batch-size`` and ``--lr`` change them.
+noise-search batch 32 (paper 128); fine-tuning lr 1e-4 (paper 1e-5 for ViT-B; the tiny model was trained from
+scratch at 2e-3). ``--batch-size``, ``--search-batch-size`` and ``--lr`` change them.
 
 Every (method, seed) result is written atomically to ``OUT/results/<method>_s<seed>.json`` (per-image
 correctness for the paired tests, the per-round training log with ``mse_prob`` and ``heldout_mse_prob``) and
