@@ -91,10 +91,12 @@ def _compare_spec() -> Dict[str, Any]:
         "data": PathCheck("dir", special=("digits",)),
         "model": Custom(lambda v, w: _check_vit(check_model_name(Str()(v, w), w), w), "'default' or a timm ViT name"),
         "seed": Int(0),
+        "seeds": Custom(lambda v, w: _check_seeds(v), "a list of distinct non-negative integers, e.g. [0, 1, 2]",
+                        optional=True),
         "training": Mapping_(train),
         "runs": ListOf(Custom(lambda v, w: _check_run(v, w, run), "a run mapping"), min_len=1),
         "eval": Mapping_({
-            "n_attack": Int(1), "fgsm_eps": unit,
+            "n_attack": Int(1, optional=True), "fgsm_eps": unit,   # null: the whole test split
             "pgd": Mapping_({"eps": unit, "alpha": unit, "steps": Int(1), "random_start": Bool()}),
             "cw": Mapping_({"c": Float(0, lo_open=True), "kappa": Float(0), "steps": Int(1),
                             "lr": Float(0, lo_open=True)}),
@@ -112,10 +114,16 @@ def _compare_spec() -> Dict[str, Any]:
             "crop_pct": Float(0, 1, lo_open=True, optional=True), "attack_seed": Int(0, optional=True),
             "batch_size": Int(1), "attack_batch_size": Int(1), "workers": Int(0, optional=True),
             "use_ema": Bool(), "wait_timeout": Int(1),
+            "surrogate_sets": Bool(optional=True),
         }),
         "tables": Mapping_({"table2": ListOf(Str()), "table3": ListOf(Str()),
                             "table4": ListOf(ListOf(Custom(_cell, "a text or number"), length=3))}),
     }
+
+
+def _check_seeds(v):
+    from .seeds import check_seeds
+    return check_seeds(v)
 
 
 def _check_run(r, where, spec):
@@ -270,11 +278,17 @@ class Comparison:
             root = _bench_cache() / f"digits_s0_sev{''.join(map(str, sev))}_{key}"
 
             def write():
+                s = load_digits(seed=0)
                 if not root.is_dir():
-                    s = load_digits(seed=0)
                     self.log(f"writing EasyRobust-layout benchmark folders to {root} (once; cached)")
                     write_benchmark_folders(root, s.test.tensors, fresh=s.val.tensors, severities=sev,
                                             corruptions=cors, progress=self.progress)
+                if cfg["eval"].get("surrogate_sets"):
+                    from .surrogate_sets import ensure_surrogate_sets
+                    if not ((root / "damagenet").is_dir() and (root / "imagenet-a").is_dir()):
+                        self.log("building the DamageNet-style and ImageNet-A-style sets from independent "
+                                 "surrogates (once; cached)")
+                    ensure_surrogate_sets(root, s.test.tensors, progress=self.progress)
             self.ranks.main_value(write)
             return root
         root = Path(cfg["data"])
@@ -392,8 +406,10 @@ class Comparison:
         (``weights`` in the record says which). Under ``torchrun`` the attacked subset (and, with the fast
         engine, every folder) is sharded over the ranks and the counts summed; rank 0 writes the record."""
         from ..data import default_workers, make_loader
-        from .suite import (SHIFT_FOLDERS, _sum_over_ranks, attack_accuracy, loader_counts, model_device,
-                            shard)
+        import torch
+        from .suite import SHIFT_FOLDERS, _sum_over_ranks, loader_counts, model_device, shard
+        from .stats import bits
+        from .suite import attack_correct, correct_mask
         path = self.out / "evals" / f"{_slug(run['name'])}.json"
         done = self.ranks.main_value(lambda: json.loads(path.read_text()) if path.is_file() else None)
         if done is not None:
@@ -404,7 +420,8 @@ class Comparison:
         dev = model_device(model)
         res: Dict[str, Any] = {"name": run["name"], "notes": {}, "weights": weights, "device": str(dev),
                                "world_size": self.ranks.world, "engine": ev["engine"],
-                               "precision": "fp32 (attacks fp32, no autocast; inference_mode for accuracies)"}
+                               "precision": "fp32 (attacks fp32, no autocast; inference_mode for accuracies)",
+                               "seed": self.cfg["seed"], "per_image": {}}
         t0 = time.time()
         res["Clean"] = self.folder(model, root / "imagenet-val", tf)
         n_val = len(self.dataset(root / "imagenet-val", tf))
@@ -416,16 +433,28 @@ class Comparison:
         c, n = _sum_over_ranks(c, n, device=dev)
         res["clean_attack_subset"] = 100.0 * c / max(1, n)  # attacks run on these images only
         res["n_attack"] = int(n)
+        if self.cfg["data"] == "digits":   # small in-memory split: per-image results for the paired tests
+            from ..data import load_digits
+            test = load_digits(seed=0).test.tensors
+            res["per_image"]["Clean"] = bits(correct_mask(model, test[0], test[1]))
         for col, atk in self._attacks(model).items():
             if isinstance(atk, str):
                 res[col], res["notes"][col] = None, atk
                 continue
+            t_atk = time.time()
             with seeded(attack_seed(self.cfg["seed"], col)):  # the numbers are a function of config + seed
-                acc, ips = attack_accuracy(model, atk, loader(), sharded=True)
-            res[col], res[f"{col}_images_per_s"] = acc, round(ips, 1)
-        dn = ev.get("damagenet")
+                oks = [attack_correct(model, atk, xb, yb, batch_size=len(yb))[0] for xb, yb in loader()]
+                ok = torch.cat(oks) if oks else torch.zeros(0, dtype=torch.bool)
+            ok = _gather_interleaved(ok, self.ranks)
+            ips = len(ok) / max(time.time() - t_atk, 1e-9)
+            res[col], res[f"{col}_images_per_s"] = 100.0 * float(ok.float().mean()), round(ips, 1)
+            res["per_image"][col] = bits(ok)
+        dn = ev.get("damagenet") or (root / "damagenet" if (root / "damagenet").is_dir() else None)
         if dn and Path(dn).is_dir():
             res["DamageNet"] = self.folder(model, Path(dn), tf)
+            if self.cfg["data"] == "digits":
+                from .suite import folder_tensors
+                res["per_image"]["DamageNet"] = bits(correct_mask(model, *folder_tensors(dn)))
         else:
             res["DamageNet"], res["notes"]["DamageNet"] = None, "skipped: no DamageNet folder configured"
         res["corruptions"] = {}
@@ -442,6 +471,9 @@ class Comparison:
             res[col] = acc
             if acc is None:
                 res["notes"][col] = f"skipped: no {folder}/ folder"
+            elif self.cfg["data"] == "digits":     # small folders: per-image results for the paired tests
+                from .suite import folder_tensors
+                res["per_image"][col] = bits(correct_mask(model, *folder_tensors(root / folder)))
         res["eval_seconds"] = round(time.time() - t0, 2)
         res = json.loads(json.dumps(res, default=float))   # the same JSON-typed record fresh or resumed
         if self.ranks.main:
@@ -600,6 +632,18 @@ class Comparison:
         return {"tables": text, **summary}
 
 
+def _gather_interleaved(ok, ranks: "_Ranks"):
+    """The per-image results of every rank's shard (items r, r + W, ...) back in subset order (rank 0 first)."""
+    import torch
+    if ranks.world == 1:
+        return ok
+    import torch.distributed as dist
+    parts: List[Any] = [None] * ranks.world
+    dist.all_gather_object(parts, ok.cpu().tolist(), group=ranks.group)
+    n = sum(len(p) for p in parts)
+    return torch.tensor([parts[i % ranks.world][i // ranks.world] for i in range(n)], dtype=torch.bool)
+
+
 class _Ranks:
     """Who does what under ``torchrun``: rank 0 runs the steps that touch the results folder and every rank
     gets its answer (:meth:`main_value`); the others wait at most ``timeout`` seconds (``eval.wait_timeout``),
@@ -731,5 +775,14 @@ class seeded:
 
 
 def run_comparison(cfg: Dict[str, Any], out: os.PathLike, *, progress: bool = True, log=None) -> Dict[str, Any]:
-    """Run (or resume) a comparison into ``out``; returns the tables text and the summary."""
+    """Run (or resume) a comparison into ``out``; returns the tables text and the summary. With ``seeds`` of
+    two or more, every seed is a complete comparison in ``out/seed_<s>/`` and ``out/`` gets the tables over
+    seeds with paired tests (:mod:`ns_plugin.evaluation.seeds`)."""
+    seeds = cfg.get("seeds")
+    if seeds is not None and len(seeds) > 1:
+        from .seeds import run_seeded
+        return run_seeded(cfg, out, progress=progress, log=log)
+    if seeds:
+        cfg = dict(cfg, seed=seeds[0])
+    cfg = {k: v for k, v in cfg.items() if k != "seeds"}
     return Comparison(cfg, out, progress=progress, log=log).run()
