@@ -372,6 +372,8 @@ class Comparison:
                 cfgt = load_config(None, method="standard", model=self.cfg["model"], data=self.cfg["data"],
                                    seed=self.cfg["seed"], progress=self.progress,
                                    **{k: tr[k] for k in ("pretrained", "num_classes", "checkpoint") if k in tr})
+                import torch
+                torch.manual_seed(self.cfg["seed"])   # a randomly initialised baseline is a function of the seed
                 model = build_model(cfgt, progress=self.progress)
                 save_checkpoint(ck, model, meta={"arch": _arch(self.cfg), "run": run["name"], "method": None})
                 self._timing(run["name"], finetune_seconds=0.0)
