@@ -20,6 +20,9 @@ setup(
         "torch>=2.1",
         "torchvision",
         "timm>=1.0,<1.1",
+        # timm 1.0.9 loads pretrained weights through huggingface_hub and imports an API that 2.0 removed
+        # (repo_type_and_id_from_hf_id); 1.33.0 is the newest release it imports (tools/bootstrap.sh pins it)
+        "huggingface_hub>=1.33.0,<2",
         "numpy",
         "scipy",
         "tqdm",

@@ -65,7 +65,9 @@ class TrainConfig:
     # --- model and data
     model: str = "default"             #: "default" (embedded tiny ViT), or a timm model name
     pretrained: bool = False           #: timm pretrained weights (needs network the first time)
-    checkpoint: Optional[str] = None   #: safe checkpoint to start from
+    init: Optional[str] = None         #: checkpoint to start from: a file or URL (downloaded once to the torch
+                                       #: hub cache); EasyRobust Sequential or plain timm state dicts
+    init_ema: bool = False             #: start from the checkpoint's EMA weights (state_dict_ema)
     num_classes: Optional[int] = None
     data: str = "digits"               #: "digits" (embedded) or an ImageFolder root with class subfolders
     image_size: Optional[int] = None   #: resize folder images (default: the model's input size)

@@ -159,13 +159,25 @@ def init_distributed() -> Tuple[int, int, torch.device]:
 # ---------------------------------------------------------------------------------------------------
 def build_model(cfg: TrainConfig, progress: bool = False) -> nn.Module:
     """``Sequential(Normalize, net)`` named by ``cfg.model`` ("default" = the cached trained tiny ViT, or a
-    timm model name), optionally loaded from ``cfg.checkpoint``."""
-    from ..checkpoint import load_into, read_checkpoint
+    timm model name, with timm's pretrained weights when ``cfg.pretrained``), started from ``cfg.init``
+    (a file or URL, see :mod:`ns_plugin.weights`) when given; the class count follows ``cfg.num_classes``,
+    else the init checkpoint's."""
     from ..models import build_default_model, wrap
+    from ..weights import create_timm, load_init, num_classes_of, read_init
 
+    sd = None
+    if cfg.init:
+        sd, _ = read_init(cfg.init, use_ema=cfg.init_ema, progress=progress)
+        k = num_classes_of(sd)
+        if cfg.num_classes is not None and k is not None and k != cfg.num_classes:
+            raise NSPluginError(f"init checkpoint {cfg.init} has {k} classes but num_classes is {cfg.num_classes}; "
+                                f"use a checkpoint for {cfg.num_classes} classes or drop num_classes")
+        n_cls = cfg.num_classes or k
+    else:
+        n_cls = cfg.num_classes
     if cfg.model == "default":
-        if cfg.checkpoint:
-            model = build_default_model(num_classes=cfg.num_classes or 10)
+        if sd is not None:
+            model = build_default_model(num_classes=n_cls or 10)
         else:
             from ..embedded import default_model
             model = copy.deepcopy(default_model(progress=progress)[0])
@@ -173,20 +185,12 @@ def build_model(cfg: TrainConfig, progress: bool = False) -> nn.Module:
                 raise NSPluginError(f"the embedded default model has 10 classes, not {cfg.num_classes}; "
                                     f"drop num_classes or use a timm model name")
     else:
-        import timm
-        try:
-            kw = {"num_classes": cfg.num_classes} if cfg.num_classes else {}
-            net = timm.create_model(cfg.model, pretrained=cfg.pretrained, **kw)
-        except RuntimeError as e:
-            raise NSPluginError(f"cannot create timm model {cfg.model!r}: {str(e).splitlines()[0][:120]}") from None
-        except Exception as e:  # noqa: BLE001 (download failures come in many types)
-            raise NSPluginError(f"cannot create timm model {cfg.model!r} ({type(e).__name__}); pretrained "
-                                f"weights need network access once") from None
+        # an init checkpoint replaces every weight: no need to fetch the pretrained ones first
+        net = create_timm(cfg.model, pretrained=cfg.pretrained and sd is None, num_classes=n_cls)
         dc = getattr(net, "pretrained_cfg", {}) or {}
         model = wrap(net, dc.get("mean", (0.485, 0.456, 0.406)), dc.get("std", (0.229, 0.224, 0.225)))
-    if cfg.checkpoint:
-        ckpt = read_checkpoint(cfg.checkpoint)
-        load_into(model, ckpt["state_dict"], source=f"checkpoint {cfg.checkpoint}")
+    if sd is not None:
+        load_init(model, sd, source=cfg.init)
     return model
 
 
