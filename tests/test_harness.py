@@ -14,6 +14,7 @@ from ns_plugin.errors import NSPluginError
 
 TINY = {
     "name": "tiny",
+    "base": "demo",
     "training": {"rounds": 1, "steps_per_round": 2, "batch_size": 16, "search_batch_size": 16,
                  "noise_max_steps": 30, "plot": False},
     "runs": [{"name": "ViT", "method": None}, {"name": "ViT + FT", "method": "standard"},

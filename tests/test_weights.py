@@ -10,8 +10,8 @@ import torch
 
 from ns_plugin.errors import NSPluginError
 
-TINY = "vit_tiny_patch16_224"
-TINY_REPO = "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"   # timm 1.0.9's default tag for TINY
+TINY = "test_vit"                     # timm's own tiny test ViT (0.37 M parameters, 160x160), real hub weights
+TINY_REPO = "timm/test_vit.r160_in1k"  # where timm 1.0.9 fetches TINY's pretrained weights
 
 
 @pytest.fixture

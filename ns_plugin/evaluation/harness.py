@@ -21,6 +21,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import time
@@ -65,8 +66,33 @@ DEMO_CONFIG: Dict[str, Any] = {
     },
 }
 
-_TOP_KEYS = {"name", "data", "model", "seed", "training", "runs", "eval", "tables"}
-_EVAL_KEYS = set(DEMO_CONFIG["eval"])
+#: What a comparison file starts from unless it says ``base: demo``: the papers' settings. Training keys it
+#: omits take :class:`ns_plugin.training.TrainConfig`'s defaults (the paper's, see ``DEFAULT_SOURCES``);
+#: ``name``, ``data``, ``model`` and ``runs`` must be given. Nothing of the demo's miniature settings leaks in.
+PAPER_BASE: Dict[str, Any] = {
+    "seed": 0,
+    "training": {},
+    "eval": {"n_attack": 5000, "fgsm_eps": 1 / 255, "pgd": {"eps": 8 / 255, "alpha": 2 / 255, "steps": 10},
+             "cw": {"c": 1.0, "steps": 50, "lr": 0.01}, "patchfool": {"patches": 1, "steps": 250},
+             "autoattack": None, "damagenet": None, "engine": "easyrobust", "severities": [1, 2, 3, 4, 5],
+             "corruptions": "all", "skip": []},
+    "tables": {},
+}
+#: where each PAPER_BASE eval value comes from (recorded in config.json)
+PAPER_EVAL_SOURCES = {
+    "fgsm_eps": "NS-ViT paper App. C (FGSM eps 1/255, as Mao et al. 2022)",
+    "pgd": "ns_plugin extra column (PGD-10 at 8/255, step 2/255; the paper reports no PGD)",
+    "cw": "ns_plugin default (the paper does not give CW settings)",
+    "patchfool": "ns_plugin default (PatchFool: 1 patch, 250 steps; the paper does not give them)",
+    "n_attack": "ns_plugin default (attacks on the first 5000 validation images)",
+    "engine": "EasyRobust evaluators",
+    "severities": "ImageNet-C (Hendrycks & Dietterich): 5 severities",
+    "corruptions": "ImageNet-C: the 15 corruptions of the mCE",
+}
+_REQUIRED = ("name", "data", "model", "runs")
+
+_TOP_KEYS = {"name", "data", "model", "seed", "training", "runs", "eval", "tables", "base"}
+_EVAL_KEYS = set(DEMO_CONFIG["eval"]) | {"skip"}
 _TABLE_KEYS = {"table2", "table3", "table4"}
 
 #: Columns of the paper's tables (seed 001). "PGD" is ours (the paper reports no PGD in Table 2).
@@ -79,11 +105,25 @@ TABLE4_COLS = ["FGSM", "DamageNet", "A", "C", "V2", "R", "Sketch", "Stylized"]
 # config
 # ----------------------------------------------------------------------------------------------------------
 def load_comparison_config(path: Optional[os.PathLike] = None, **overrides) -> Dict[str, Any]:
-    """The demo config, or a YAML file's (keys it omits take the demo's values), validated."""
-    cfg = copy.deepcopy(DEMO_CONFIG)
+    """The demo config (no ``path``), or a YAML file's, validated.
+
+    A file starts from :data:`PAPER_BASE` (the papers' settings) unless it says ``base: demo``, in which
+    case the keys it omits take the demo's values (``DEMO_CONFIG``: the miniature on digits)."""
+    new: Dict[str, Any] = {}
     if path is not None:
         from ..io import read_yaml_mapping
-        _merge(cfg, read_yaml_mapping(path))
+        new = read_yaml_mapping(path)
+    base = overrides.get("base", new.get("base", "demo" if path is None else "paper"))
+    if base not in ("demo", "paper"):
+        raise NSPluginError(f"base must be 'paper' or 'demo', got {base!r}")
+    if base == "paper":
+        absent = [k for k in _REQUIRED if k not in new and k not in overrides]
+        if absent:
+            raise NSPluginError(f"comparison config {path} lacks {', '.join(absent)}; give them, or add "
+                                f"base: demo to start from the demo's settings")
+    cfg = copy.deepcopy(DEMO_CONFIG if base == "demo" else PAPER_BASE)
+    cfg["base"] = base
+    _merge(cfg, new)
     _merge(cfg, overrides)
     return validate_config(cfg)
 
@@ -115,6 +155,8 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
     unknown(cfg, _TOP_KEYS, "the comparison config")
     unknown(cfg["eval"], _EVAL_KEYS, "eval")
+    from .preflight import ALL_COLUMNS
+    unknown(cfg["eval"].get("skip") or [], set(ALL_COLUMNS) - {"Clean"}, "eval.skip")
     unknown(cfg["tables"], _TABLE_KEYS, "tables")
     train_keys = {f.name for f in __import__("dataclasses").fields(tc.TrainConfig)} - {"method", "model", "data"}
     unknown(cfg["training"], train_keys, "training")
@@ -187,7 +229,7 @@ class Comparison:
             status = prev.get("status", "partial")
         else:
             status = "new"
-        _write_json(self.out / "config.json", self.cfg)
+        _write_json(self.out / "config.json", dict(self.cfg, resolved=self.resolved()))
         self._state("running")
         return status
 
@@ -232,6 +274,60 @@ class Comparison:
             raise NSPluginError(f"unknown corruption {bad[0]!r} in eval.corruptions; known: {', '.join(IMAGENET_C)}")
         return list(c)
 
+    # -- settings of each run, with where each value comes from ---------------------------------------------
+    def run_settings(self, run: Dict[str, Any]):
+        """``(values, sources)``: every :class:`TrainConfig` value a run uses and where it came from (the run,
+        the config's training block, the demo's block with ``base: demo``, or the documented default).
+        Rows without a method are evaluated as built (pretrained / init weights), without training."""
+        import dataclasses
+
+        import torch
+
+        from ..training.config import DEFAULT_SOURCES, TrainConfig
+        tr, base = self.cfg["training"], self.cfg.get("base", "demo")
+        demo_tr = DEMO_CONFIG["training"]
+        vals: Dict[str, Any] = {}
+        src: Dict[str, str] = {}
+        for f in dataclasses.fields(TrainConfig):
+            k = f.name
+            if k in ("model", "data", "seed"):
+                vals[k], src[k] = self.cfg[k], "config"
+            elif k == "method":
+                vals[k], src[k] = run.get("method"), f"run {run['name']!r}"
+            elif k == "progress":
+                vals[k], src[k] = self.progress, "harness"
+            elif k in run:
+                vals[k], src[k] = run[k], f"run {run['name']!r}"
+            elif k in tr:
+                demo = base == "demo" and k in demo_tr and demo_tr[k] == tr[k]
+                vals[k], src[k] = tr[k], ("demo training block (base: demo)" if demo else "config training block")
+            else:
+                vals[k] = copy.deepcopy(f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                src[k] = "default: " + DEFAULT_SOURCES.get(k, "ns_plugin default")
+        if vals["init"] and vals["pretrained"]:
+            src["pretrained"] += " (unused: the init checkpoint replaces every weight)"
+        if vals["amp"] and not torch.cuda.is_available():
+            vals["amp"], src["amp"] = False, f"{src['amp']} asked for amp: true; no CUDA here, so it runs in fp32"
+        return vals, src
+
+    def resolved(self) -> Dict[str, Any]:
+        """What config.json records besides the config: every run's settings and their sources."""
+        out: Dict[str, Any] = {"base": self.cfg.get("base", "demo"), "runs": {}, "eval": {}}
+        source_keys = ("model", "pretrained", "init", "init_ema", "num_classes", "data", "seed")
+        for run in self.cfg["runs"]:
+            vals, src = self.run_settings(run)
+            keys = list(vals) if run.get("method") is not None else source_keys
+            out["runs"][run["name"]] = {k: {"value": vals[k], "from": src[k]} for k in keys}
+            if run.get("method") is None:
+                out["runs"][run["name"]]["evaluate_only"] = {"value": True, "from": "no method: evaluated as built"}
+        for k, v in self.cfg["eval"].items():
+            default = (PAPER_BASE if out["base"] == "paper" else DEMO_CONFIG)["eval"].get(k)
+            where = ("paper base" if out["base"] == "paper" else "demo (base: demo)")
+            out["eval"][k] = {"value": v, "from": (f"{where}: {PAPER_EVAL_SOURCES.get(k, 'default')}"
+                                                   if v == default and out["base"] == "paper" else
+                                                   where if v == default else "config eval block")}
+        return out
+
     # -- fine-tuning ----------------------------------------------------------------------------------------
     def finetune(self, run: Dict[str, Any]) -> Path:
         from ..checkpoint import save_checkpoint
@@ -240,19 +336,18 @@ class Comparison:
         if ck.is_file():
             return ck
         t0 = time.time()
+        vals, _ = self.run_settings(run)
         if run.get("method") is None:
+            # evaluated as built: the pretrained model / the init checkpoint the other rows start from
             from ..training.loop import build_model
-            cfgt = load_config(None, method="standard", model=self.cfg["model"], data=self.cfg["data"],
-                               seed=self.cfg["seed"], progress=self.progress)
+            cfgt = load_config(None, **dict(vals, method="standard"))
             model = build_model(cfgt, progress=self.progress)
-            save_checkpoint(ck, model, meta={"arch": _arch(self.cfg), "run": run["name"], "method": None})
+            source = {k: vals[k] for k in ("pretrained", "init", "init_ema")}
+            save_checkpoint(ck, model, meta={"arch": _arch(self.cfg), "run": run["name"], "method": None,
+                                             "source": source})
             self._timing(run["name"], finetune_seconds=0.0)
             return ck
-        overrides = dict(self.cfg["training"])
-        overrides.update({k: v for k, v in run.items() if k != "name"})
-        overrides.update(model=self.cfg["model"], data=self.cfg["data"], seed=self.cfg["seed"],
-                         progress=self.progress)
-        cfgt = load_config(None, **overrides)
+        cfgt = load_config(None, **vals)
         work = self.out / "runs" / _slug(run["name"])
         resume = (work / "last.pth").is_file()
         summary = train(cfgt, work, resume=resume)
@@ -283,21 +378,32 @@ class Comparison:
         x, y = test[0][:ev["n_attack"]], test[1][:ev["n_attack"]]
         from .suite import top1
         res["clean_attack_subset"] = top1(model, x, y)  # attacks run on these images only
+        skip = set(ev.get("skip") or [])
+        for col in sorted(skip):
+            res["notes"][col] = "skipped: listed in eval.skip"
         for col, atk in self._attacks(model).items():
+            if col in skip:
+                res[col] = None
+                continue
             if isinstance(atk, str):
                 res[col], res["notes"][col] = None, atk
                 continue
             acc, ips = attack_accuracy(model, atk, x, y)
             res[col], res[f"{col}_images_per_s"] = acc, round(ips, 1)
         dn = ev.get("damagenet")
-        if dn and Path(dn).is_dir():
+        if "DamageNet" in skip:
+            res["DamageNet"] = None
+        elif dn and Path(dn).is_dir():
             res["DamageNet"] = folder_accuracy(model, dn, engine="fast")
         else:
             res["DamageNet"], res["notes"]["DamageNet"] = None, "skipped: no DamageNet folder configured"
-        res["corruptions"] = corruption_accuracies(model, root / "imagenet-c", engine=ev["engine"],
-                                                   corruptions=self._corruptions())
+        res["corruptions"] = None if "C" in skip else corruption_accuracies(
+            model, root / "imagenet-c", engine=ev["engine"], corruptions=self._corruptions())
         n_cls = int(next(v for k, v in model.state_dict().items() if k.endswith("head.weight")).shape[0])
         for folder, (evaluator, col) in SHIFT_FOLDERS.items():
+            if col in skip:
+                res[col] = None
+                continue
             if n_cls != 1000 and evaluator in ("evaluate_imagenet_a", "evaluate_imagenet_r"):
                 evaluator = "evaluate_imagenet_val"  # their 200-class masks assume 1000 ImageNet logits
             acc = folder_accuracy(model, root / folder, engine="easyrobust", evaluator=evaluator)
@@ -461,8 +567,32 @@ class Comparison:
         return names
 
     # -- orchestration --------------------------------------------------------------------------------------
+    def preflight(self, *, network: bool = True):
+        """Check every resource before anything is written or trained (:mod:`.preflight`): print the table,
+        stop in one line when something required is missing, then download the ``init:`` URLs the runs
+        need (once, into the torch hub cache) and check their class counts too."""
+        from ..weights import fetch, init_status
+        from .preflight import preflight, run_sources
+        pf = preflight(self.cfg, self.out, network=network)
+        self.log(pf.table())
+        pf.raise_if_missing()
+        urls = {s["init"] for s in run_sources(self.cfg) if s["init"]}
+        todo = [u for u in sorted(urls) if init_status(u, network=False).state == "reachable"]
+        for u in todo:
+            fetch(u, progress=self.progress)
+        if todo:  # now on disk: their class counts can be checked before any training
+            pf = preflight(self.cfg, self.out, network=False)
+            pf.raise_if_missing()
+        for row in pf.rows:
+            if row.state == "warning":
+                logging.getLogger(__name__).warning("%s: %s", row.item, row.detail)
+        return pf
+
     def run(self) -> Dict[str, Any]:
         from tqdm.auto import tqdm
+        if not (self.out / "run.json").is_file() or json.loads((self.out / "run.json").read_text()).get(
+                "status") != "complete":
+            self.preflight()
         status = self.claim()
         if status == "complete":
             self.log(f"{self.out} already holds this run (complete); reporting it")

@@ -143,6 +143,26 @@ class TrainConfig:
         return cls(**d)
 
 
+#: Where each :class:`TrainConfig` default comes from (printed next to every setting a comparison records in
+#: ``config.json``, so a paper-scale run shows which values it did not set itself).
+_APPC = "NS-ViT paper App. C (Approximate Nullspace Augmented Finetuning for Robust Vision Transformers)"
+DEFAULT_SOURCES: Dict[str, str] = {
+    **{k: _APPC for k in ("rounds", "steps_per_round", "batch_size", "lr", "sched", "eps", "lim", "noise_lr",
+                          "noise_max_steps", "search_batch_size")},
+    "weight_decay": "NS-ViT reference code (AdamW weight decay 0.05)",
+    "model_ema_decay": "NS-ViT reference code (EMA 0.9998)",
+    "model_ema": "ns_plugin default (off; the paper uses EMA only for DAT + NS)",
+    "warm_start": "ns_plugin default (null: on for search fast, off for faithful; Alg. 1 line 3 starts fresh)",
+    "search": "ns_plugin default (fast: same noise as the reference loop for the same init)",
+    **{k: "NS-ViT reference code (PGD 8/255, step 2/255, 10 steps)" for k in ("pgd_eps", "pgd_alpha", "pgd_steps")},
+    "madry_clean_weight": "classic Madry (CE on adversarial examples only; the reference code used 1)",
+    "trades_beta": "TRADES paper (beta 6; the NS-ViT reference code used 1)",
+    **{k: "EasyRobust DAT example (examples/imageclassification/imagenet/dat)"
+       for k in ("dat_eps", "dat_steps", "dat_lr", "dat_random_start_prob")},
+    "vqgan": "ns_plugin default (small random VQGAN, a stand-in for tests)",
+}
+
+
 #: VQGAN settings for DAT. ``small`` is a randomly initialised model that runs on 32x32 images on a CPU
 #: (``ch`` must be a multiple of 32 because the VQGAN uses GroupNorm(32)); ``openimages_f8_16384`` is the
 #: pretrained model EasyRobust's DAT example downloads.

@@ -33,6 +33,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from dataclasses import replace as dataclasses_replace
+
 from ..errors import NSPluginError
 from .config import TrainConfig
 
@@ -341,6 +343,11 @@ class Trainer:
         self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total) if cfg.sched == "cosine"
                       else torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0))
         self.use_amp = bool(cfg.amp and self.device.type == "cuda")
+        if cfg.amp and not self.use_amp:  # say so, and record what runs: the saved config says amp false
+            import logging
+            logging.getLogger(__name__).warning("amp: true needs CUDA; training on %s in fp32 (recorded as amp: "
+                                                "false)", self.device)
+            self.cfg = cfg = dataclasses_replace(cfg, amp=False)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.stream = BatchStream(len(train_set), cfg.batch_size, cfg.seed, self.rank, self.world)
         self.method = method_cls(cfg)
