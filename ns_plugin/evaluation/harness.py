@@ -574,7 +574,8 @@ class Comparison:
         from ..weights import fetch, init_status
         from .preflight import preflight, run_sources
         pf = preflight(self.cfg, self.out, network=network)
-        self.log(pf.table())
+        if os.environ.get("RANK", "0") == "0":  # one table per launch under torchrun
+            self.log(pf.table())
         pf.raise_if_missing()
         urls = {s["init"] for s in run_sources(self.cfg) if s["init"]}
         todo = [u for u in sorted(urls) if init_status(u, network=False).state == "reachable"]
