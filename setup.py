@@ -16,6 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ns_plugin", "ns_plugin.*"]),
+    package_data={"ns_plugin": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.1",
         "torchvision",
@@ -55,6 +56,6 @@ setup(
             "DamageNet=ns_plugin.attacks.damagenet:DamageNet",
         ],
         # callables that register timm models (ns_vit_digits) when a tool wants them
-        "timm.plugins": ["ns_plugin=ns_plugin.registry:register_timm_digits"],
+        "timm.plugins": ["ns_plugin=ns_plugin.integrations.timm:register_timm_digits"],
     },
 )

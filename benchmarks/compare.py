@@ -3,9 +3,10 @@
 
     python benchmarks/compare.py benchmarks/configs/compare/ns_vs_baseline.yaml --out results/ns_vs_baseline
 
-Configs in benchmarks/configs/compare/: demo (everything, embedded default), ns_vs_baseline, dat_vs_dat_ns,
+Configs in benchmarks/configs/compare/: ns_vs_baseline, dat_vs_dat_ns,
 adversarial (NS vs Madry vs TRADES), ablation (ε and random noise), and imagenet_vit_b / imagenet_vit_s for
-GPU users with ImageNet and EasyRobust's benchmark folders. Ends with one JSON line of the measured rows.
+GPU users with ImageNet and EasyRobust's benchmark folders; each starts from the demo configuration shipped
+with the package (ns_plugin/configs/demo.yaml, used when no config is given). Ends with one JSON line of the measured rows.
 """
 import argparse
 import json
@@ -21,7 +22,7 @@ def main(argv=None) -> int:
     from ns_plugin.evaluation.harness import load_comparison_config, run_comparison
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("config", help="comparison YAML")
+    p.add_argument("config", nargs="?", help="comparison YAML (default: the demo, ns_plugin/configs/demo.yaml)")
     p.add_argument("--out", help="results folder (default: results/<config name>)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)

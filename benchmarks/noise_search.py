@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     from ns_plugin.anatomy import inject_noise
     from ns_plugin.data import load_digits
     from ns_plugin.embedded import default_model
-    from ns_plugin.nullspace.approximate import noise_quality, search_noise
+    from ns_plugin.nullspace.metrics import noise_quality
+    from ns_plugin.nullspace.search import search_noise
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -17,7 +17,7 @@ Two ways in, both anchored on timm's own seams instead of a re-implemented forwa
   embedding of a batch can be computed once and shared between the clean and the noisy pass.
 
 Models without a ``patch_embed`` (CNNs...) have no encoder-level token space; for them use the
-input-level variant :func:`ns_plugin.nullspace.approximate.search_input_noise` (seed 000, §5.3).
+input-level variant :func:`ns_plugin.nullspace.search.search_input_noise` (seed 000, §5.3).
 """
 from __future__ import annotations
 
@@ -30,16 +30,7 @@ from torch import nn
 from .errors import NSPluginError
 
 _INPUT_LEVEL_HINT = ("encoder-level noise needs a ViT-style `patch_embed` (timm VisionTransformer/DeiT); "
-                     "use the input-level variant ns_plugin.nullspace.approximate.search_input_noise instead")
-
-
-def strip_parallel(model: nn.Module) -> nn.Module:
-    """Remove DDP / DataParallel ``.module`` wrappers (keeps the ``Sequential(Normalize, net)``)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-            hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module)
-            and type(model).__name__ in ("DistributedDataParallel", "DataParallel")):
-        model = model.module
-    return model
+                     "use the input-level variant ns_plugin.nullspace.search.search_input_noise instead")
 
 
 def _core(model: nn.Module) -> Tuple[Optional[nn.Module], nn.Module]:
@@ -162,6 +153,7 @@ class ViTAnatomy(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        from .models import strip_parallel
         norm, core = _core(strip_parallel(model))
         try:
             from timm.models.vision_transformer import VisionTransformer

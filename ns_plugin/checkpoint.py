@@ -44,8 +44,8 @@ def _check_plain(obj: Any, where: str = "meta") -> None:
 
 def state_dict_of(model: nn.Module) -> Dict[str, torch.Tensor]:
     """State dict without DDP/DataParallel ``module.`` wrappers, tensors detached on CPU."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
+    from .models import strip_parallel
+    model = strip_parallel(model)
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 

@@ -77,14 +77,13 @@ def default_model(*, seed: int = 0, epochs: int = 30, progress: bool = True, cac
                   ) -> Tuple[nn.Module, Dict[str, float]]:
     """The trained embedded default, from the cache when a checkpoint for ``(seed, epochs)`` exists,
     else trained now (and cached, atomically)."""
-    from .checkpoint import read_checkpoint, load_into, save_checkpoint
-    from .models import build_default_model
+    from .checkpoint import read_checkpoint, save_checkpoint
+    from .models import create_model
 
     path = cache_dir() / f"vit_digits_s{seed}_e{epochs}.pth"
     if cache and path.is_file():
-        ckpt = read_checkpoint(path)
-        model = load_into(build_default_model(), ckpt["state_dict"], source=str(path)).eval()
-        return model, dict(ckpt["meta"].get("metrics", {}))
+        model = create_model("ns_vit_digits", checkpoint=path).eval()
+        return model, dict(read_checkpoint(path)["meta"].get("metrics", {}))
     model, metrics = train_default_model(seed=seed, epochs=epochs, progress=progress)
     if cache:
         save_checkpoint(path, model, meta={"arch": "ns_vit_digits", "seed": seed, "epochs": epochs,

@@ -269,9 +269,10 @@ def fetch(source: str, *, progress: bool = True) -> Path:
 
 
 def read_init(source: str, *, use_ema: bool = False, trust: bool = False,
-              progress: bool = True) -> Tuple[Dict[str, torch.Tensor], Path]:
-    """``(state_dict, local file)`` of an init checkpoint in any of the formats of the module docstring.
-    ``use_ema`` takes ``state_dict_ema`` (or ``model_ema``) and fails in one line when there is none."""
+              progress: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """``(state_dict, checkpoint dict)`` of a checkpoint file or URL in any of the formats of the module
+    docstring (``module.`` prefixes stripped). ``use_ema`` takes ``state_dict_ema`` (or ``model_ema``) and
+    fails in one line when there is none. :func:`ns_plugin.models.create_model` loads it into a model."""
     from .checkpoint import read_checkpoint, strip_prefix
 
     path = fetch(source, progress=progress)
@@ -279,38 +280,12 @@ def read_init(source: str, *, use_ema: bool = False, trust: bool = False,
     if use_ema:
         sd = next((ckpt[k] for k in ("state_dict_ema", "model_ema") if isinstance(ckpt.get(k), dict)), None)
         if sd is None:
-            raise NSPluginError(f"init checkpoint {source} has no EMA weights (state_dict_ema / model_ema); "
-                                f"set init_ema: false")
+            raise NSPluginError(f"checkpoint {source} has no EMA weights (state_dict_ema / model_ema); "
+                                f"drop init_ema / use_ema")
         sd = strip_prefix(sd)
     else:
         sd = ckpt["state_dict"]
     sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if not sd:
-        raise NSPluginError(f"init checkpoint {source} holds no tensors")
-    return sd, path
-
-
-def is_sequential_format(sd: Dict[str, Any]) -> bool:
-    """EasyRobust's ``Sequential(Normalize, model)`` keys: ``0.mean``, ``0.std`` and ``1.*``."""
-    return "0.mean" in sd and "0.std" in sd and any(k.startswith("1.") for k in sd)
-
-
-def num_classes_of(sd: Dict[str, Any], classifier: str = "head") -> Optional[int]:
-    """Rows of the classifier weight in a state dict (either format), or None when there is none."""
-    for k in (f"1.{classifier}.weight", f"{classifier}.weight", "1.head.weight", "head.weight",
-              "1.fc.weight", "fc.weight", "1.classifier.weight", "classifier.weight"):
-        v = sd.get(k)
-        if isinstance(v, torch.Tensor) and v.dim() >= 1:
-            return int(v.shape[0])
-    return None
-
-
-def load_init(model: nn.Module, sd: Dict[str, torch.Tensor], *, source: str) -> nn.Module:
-    """Load an init state dict into ``Sequential(Normalize, net)``: EasyRobust's format as is (its own
-    mean/std), a plain timm state dict into ``net`` (the model's normalisation kept)."""
-    from .checkpoint import load_into
-
-    if not is_sequential_format(sd):
-        own = model.state_dict()
-        sd = {**{k: v for k, v in own.items() if k.startswith("0.")}, **{f"1.{k}": v for k, v in sd.items()}}
-    return load_into(model, sd, source=f"init checkpoint {source}")
+        raise NSPluginError(f"checkpoint {source} holds no tensors")
+    return sd, ckpt

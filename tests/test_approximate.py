@@ -9,8 +9,9 @@ from torch import nn
 from ns_plugin.anatomy import anatomy, inject_noise, token_shape
 from ns_plugin.errors import NSPluginError
 from ns_plugin.models import build_default_model, wrap
-from ns_plugin.nullspace.approximate import (learn_noise_regularized, lim_sweep, mse_probability, noise_quality,
-                                             search_input_noise, search_noise)
+from ns_plugin.nullspace.metrics import mse_probability, noise_quality
+from ns_plugin.nullspace.regularized import learn_noise_regularized, lim_sweep
+from ns_plugin.nullspace.search import search_input_noise, search_noise
 
 
 @pytest.fixture(scope="module", autouse=True)

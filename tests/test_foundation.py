@@ -10,7 +10,7 @@ from ns_plugin.errors import NSPluginError
 
 
 def test_ecosystem_imports_in_one_process():
-    from ns_plugin import compat
+    from ns_plugin.integrations import robustbench as compat
     compat.ensure_ecosystem()
     import easyrobust.benchmarks
     from easyrobust.attacks import pgd_generator
@@ -28,7 +28,7 @@ def test_ecosystem_imports_in_one_process():
 
 
 def test_autoattack_shim_only_when_needed():
-    from ns_plugin import compat
+    from ns_plugin.integrations import robustbench as compat
     import importlib.util
     compat.ensure_autoattack()
     import autoattack
@@ -39,7 +39,7 @@ def test_autoattack_shim_only_when_needed():
 
 
 def test_robustbench_benchmark_runs_real_autoattack_offline(trained, digits, tmp_path):
-    from ns_plugin import compat
+    from ns_plugin.integrations import robustbench as compat
     from torchvision import transforms
     rb = compat.import_robustbench()
     model, _ = trained

@@ -47,7 +47,7 @@ def _small_set(digits, n=48):
 
 
 def test_registry_lists_every_method_and_unknown_names_fail():
-    from ns_plugin.registry import trainers
+    from ns_plugin.training import trainers
     import ns_plugin.training  # noqa: F401  (registers)
     assert set(METHODS) <= set(trainers.names())
     with pytest.raises(NSPluginError, match=r"unknown trainer 'nss'.*did you mean 'ns'.*known: .*dat_ns.*trades"):
@@ -215,7 +215,7 @@ def test_train_one_epoch_entry_for_easyrobust_scripts(model, digits):
     """EasyRobust's/timm's train_one_epoch signature, with timm's NativeScaler-free path and ModelEmaV2."""
     import argparse
     from timm.utils import ModelEmaV2
-    from ns_plugin.training import train_one_epoch
+    from ns_plugin.integrations.easyrobust import train_one_epoch
     x, y = _small_set(digits, 32).tensors
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     args = argparse.Namespace(ns_method="ns", steps_per_round=2, search_batch_size=8, clip_grad=1.0)

@@ -42,7 +42,7 @@ pip_ install --no-deps -e .
 # fail loudly here rather than in the first test if the layering did not work
 "$VENV/bin/python" - <<'PY'
 import warnings; warnings.filterwarnings("ignore")
-from ns_plugin import compat
+from ns_plugin.integrations import robustbench as compat
 compat.ensure_ecosystem()
 import robustbench, easyrobust.benchmarks, torchattacks, timm
 from easyrobust.attacks import pgd_generator

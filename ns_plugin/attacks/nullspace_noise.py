@@ -62,7 +62,7 @@ class NullspaceNoise(NSAttack):
         ns = self._nullspace()  # fails here, with the reason, on models without a patch nullspace
         if ns.nullity == 0:
             raise NSPluginError("this model's patch embedding is full rank (nullity 0): it has no exact nullspace "
-                                "noise; use the approximate generator in ns_plugin.nullspace.approximate")
+                                "noise; use the approximate generator in ns_plugin.nullspace.search")
 
     def forward(self, images, labels=None):
         r"""

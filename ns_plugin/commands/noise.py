@@ -48,7 +48,8 @@ def run(args) -> int:
     from ..checkpoint import atomic_save
     from ..data import load_digits
     from ..errors import NSPluginError
-    from ..nullspace.approximate import noise_quality, search_noise
+    from ..nullspace.metrics import noise_quality
+    from ..nullspace.search import search_noise
     from ._common import load_model
 
     if args.plot and args.num_noises < 2:

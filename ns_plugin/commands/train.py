@@ -32,8 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.config import TrainConfig, read_yaml
 
     if args.list_methods:
-        from ..registry import trainers
-        from ..training import methods as _m  # noqa: F401
+        from ..training import trainers
         for name, doc in trainers.describe().items():
             print(f"{name:10s} {doc}")
         return 0

@@ -90,7 +90,7 @@ def _checkpoint_classes(path: Path, use_ema: bool) -> Optional[int]:
 
     import torch
 
-    from ..weights import num_classes_of
+    from ..models import num_classes_of
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

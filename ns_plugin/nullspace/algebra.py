@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from ..errors import NSPluginError
-from .approximate import (_delta, _eval_logits, _generator, _validate_noise, frozen, noise_quality,
-                          search_noise)
+from ._common import _generator, frozen
+from .metrics import _eval_logits, _validate_noise, mse_prob, noise_quality
+from .search import search_noise
 
 __all__ = ["learn_noises", "scale_influence", "convex_grid", "plot_scale_influence", "plot_convex_grid",
            "transfer_noise"]
@@ -53,7 +54,7 @@ def scale_influence(model: nn.Module, noises: NoiseSet, x: torch.Tensor,
 
     Returns ``{"alphas", "mse_prob", "pred_match"}`` (lists aligned with ``alphas``; MSE probability and
     % of unchanged predictions averaged over the noises).  Default α: 0, 0.1, ..., 2."""
-    from ..anatomy import strip_parallel
+    from ..models import strip_parallel
     from ..models import check_images
     net = strip_parallel(model)
     check_images(x, net)
@@ -67,7 +68,7 @@ def scale_influence(model: nn.Module, noises: NoiseSet, x: torch.Tensor,
         for v in vs:
             clean, noisy = _eval_logits(net, x, [a * v for a in alphas], batch_size)
             for k, z in enumerate(noisy):
-                mse[k] += float(_delta(z, clean))
+                mse[k] += float(mse_prob(z, clean))
                 match[k] += 100.0 * float((z.argmax(1) == clean.argmax(1)).float().mean())
     return dict(alphas=alphas, mse_prob=(mse / len(vs)).tolist(), pred_match=(match / len(vs)).tolist())
 
@@ -79,7 +80,7 @@ def convex_grid(model: nn.Module, noises: NoiseSet, x: torch.Tensor, *, pairs: i
 
     Returns ``{"alphas", "grid", "pairs"}`` where ``grid[a][b]`` is the mean MSE probability at
     ``α1 = alphas[a]``, ``α2 = alphas[b]``."""
-    from ..anatomy import strip_parallel
+    from ..models import strip_parallel
     from ..models import check_images
     net = strip_parallel(model)
     check_images(x, net)
@@ -103,7 +104,7 @@ def convex_grid(model: nn.Module, noises: NoiseSet, x: torch.Tensor, *, pairs: i
             combos = [a1 * vs[i] + a2 * vs[j] for a1 in alphas for a2 in alphas]
             clean, noisy = _eval_logits(net, x, combos, batch_size)
             for k, z in enumerate(noisy):
-                grid[k // len(alphas), k % len(alphas)] += float(_delta(z, clean))
+                grid[k // len(alphas), k % len(alphas)] += float(mse_prob(z, clean))
     return dict(alphas=alphas, grid=(grid / len(chosen)).tolist(), pairs=chosen)
 
 
@@ -169,7 +170,8 @@ def transfer_noise(noise: torch.Tensor, target: nn.Module, x: torch.Tensor, y: O
     """Quality (:func:`noise_quality`) of a noise learnt on one model when applied to ``target`` (seed 000
     §5.3, Fig. 3(c)).  Encoder-level noise needs the same ``(N_patches, D)`` token shape, input-level noise
     the same image shape; otherwise a one-line :class:`NSPluginError` names both shapes."""
-    from ..anatomy import strip_parallel, token_shape
+    from ..anatomy import token_shape
+    from ..models import strip_parallel
     if isinstance(noise, torch.Tensor) and noise.dim() == 3:
         want = (1, *token_shape(strip_parallel(target)))
         if tuple(noise.shape) != want:

@@ -42,7 +42,7 @@ def find_patch_projection(model: nn.Module) -> Tuple[str, nn.Conv2d]:
     if pe is not None and getattr(pe, "backbone", None) is not None:
         raise NSPluginError(f"{type(core).__name__} is a hybrid ViT: its patch embedding runs a CNN backbone "
                             f"first, so the exact patch-embedding nullspace is not defined; use the approximate "
-                            f"(input-level) noise generator in ns_plugin.nullspace.approximate instead")
+                            f"(input-level) noise generator in ns_plugin.nullspace.search instead")
     if pe is not None and isinstance(getattr(pe, "proj", None), nn.Conv2d):
         conv, name = pe.proj, "patch_embed.proj"
     elif isinstance(getattr(core, "stem", None), nn.Sequential) and isinstance(core.stem[0], nn.Conv2d):
@@ -55,14 +55,14 @@ def find_patch_projection(model: nn.Module) -> Tuple[str, nn.Conv2d]:
     if conv is None:
         raise NSPluginError(f"{type(core).__name__} has no convolutional patch projection, so the exact "
                             f"patch-embedding nullspace is not defined; use the approximate (input-level) noise "
-                            f"generator in ns_plugin.nullspace.approximate instead")
+                            f"generator in ns_plugin.nullspace.search instead")
     k, s = tuple(conv.kernel_size), tuple(conv.stride)
     pad = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
     if k != s or pad not in ((0, 0), "valid") or tuple(conv.dilation) != (1, 1) or conv.groups != 1:
         raise NSPluginError(f"{type(core).__name__}'s first layer {name} is an overlapping convolution "
                             f"(kernel {k}, stride {s}, padding {pad}): patches share pixels, so the exact "
                             f"patch-embedding nullspace is not defined; use the approximate (input-level) noise "
-                            f"generator in ns_plugin.nullspace.approximate instead")
+                            f"generator in ns_plugin.nullspace.search instead")
     return name, conv
 
 
@@ -157,7 +157,7 @@ class PatchNullspace:
         """
         if self.nullity == 0:
             raise NSPluginError("the patch embedding is full rank (nullity 0): there is no exact nullspace noise; "
-                                "use the approximate generator in ns_plugin.nullspace.approximate")
+                                "use the approximate generator in ns_plugin.nullspace.search")
         gh, gw = self._grid(image_size)
         shape = (n, gh * gw if per_patch else 1, self.nullity)
         coeffs = torch.randn(shape, generator=generator, dtype=torch.float64) * scale

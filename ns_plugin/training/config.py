@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Optional, Sequence
 
 from ..errors import NSPluginError
 
@@ -24,7 +24,7 @@ from ..errors import NSPluginError
 class TrainConfig:
     """Every knob of :func:`ns_plugin.training.train`. Field comments name the paper setting."""
     # --- method and schedule (001 Alg. 1 / App. C)
-    method: str = "ns"                 #: registered trainer name (``ns_plugin.registry.trainers``)
+    method: str = "ns"                 #: registered trainer name (``ns_plugin._registry.trainers``)
     rounds: int = 20                   #: K outer rounds (checkpoint/log boundary for every method)
     steps_per_round: int = 40          #: S model steps per round
     batch_size: int = 128              #: global batch (split over DDP ranks)
@@ -42,7 +42,7 @@ class TrainConfig:
     lim: float = 3.0                   #: initial noise ~ U(-lim, lim)
     noise_lr: float = 0.1
     noise_max_steps: int = 3000        #: T, the cap on noise steps per round
-    search: str = "fast"               #: "fast" or "faithful" (see ns_plugin.nullspace.approximate)
+    search: str = "fast"               #: "fast" or "faithful" (see ns_plugin.nullspace.search)
     search_batch_size: int = 128       #: minibatch size of the noise search (B = 128, a fresh batch per step)
     warm_start: Optional[bool] = None  #: start each round's search from the previous noise (expanded, then
                                        #: descended); None = True for search "fast", False for "faithful"
@@ -80,8 +80,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise :class:`NSPluginError` for out-of-range values (one line, naming the fix)."""
-        from ..registry import trainers
-        from . import methods as _m  # noqa: F401  (registers the methods)
+        from .._registry import trainers  # filled by ns_plugin.training (imported before this module)
         trainers.get(self.method)
 
         def num(name, lo, hi, lo_open=True, hi_open=False):

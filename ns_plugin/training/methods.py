@@ -7,7 +7,7 @@ A method sees the :class:`ns_plugin.training.loop.Trainer` ``t`` and uses
 - ``t.autocast()`` (AMP on CUDA, a no-op otherwise), ``t.cfg`` (:class:`TrainConfig`),
 - ``t.find_noise(round, init)`` (the ε-approximate noise search, identical on every rank).
 
-Registered in :data:`ns_plugin.registry.trainers`:
+Registered in :data:`ns_plugin._registry.trainers`:
 
 ========== =====================================================================================
 standard   CE(clean): plain fine-tuning with the same schedule (the baseline of 001 Table 2)
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NSPluginError
-from ..registry import trainers
+from .._registry import trainers
 
 Parts = Dict[str, float]
 
