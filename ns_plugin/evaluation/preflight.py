@@ -285,6 +285,6 @@ def preflight(cfg: Dict[str, Any], out: os.PathLike, *, network: bool = True) ->
     if cuda and local_world > n_gpu:
         pf.add("GPUs per node", "missing", f"{local_world} processes on this node but {n_gpu} GPU(s)")
     if any(s["amp"] for s in trains) and not cuda:
-        pf.add("amp", "warning", "amp: true but no CUDA: training runs in fp32 and config.json records amp: false")
+        pf.add("amp", "warning", "requested, but there is no CUDA: training runs in fp32 and config.json records amp: false")
         pf.effective["amp"] = False
     return pf
