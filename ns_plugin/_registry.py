@@ -1,4 +1,4 @@
-"""The registry type (name -> factory) and the plugin's registries: noise generators, trainers, attacks.
+"""The registry type (name -> factory) and the plugin's registries: trainers and attacks.
 
 Bottom layer: imports nothing of ns_plugin but :mod:`ns_plugin.errors`. Training methods fill
 :data:`trainers` when :mod:`ns_plugin.training` is imported (as timm's model modules fill its registry);
@@ -52,7 +52,8 @@ class Registry:
         except KeyError:
             close = difflib.get_close_matches(str(name), list(self._items), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise NSPluginError(f"unknown {self.kind} {name!r}{hint} (known: {', '.join(sorted(self._items)) or 'none'})") from None
+            known = ", ".join(sorted(self._items)) or "none"
+            raise NSPluginError(f"unknown {self.kind} {name!r}{hint} (known: {known})") from None
 
     def build(self, name: str, *args, **kwargs):
         """``get(name)(*args, **kwargs)``."""
@@ -78,7 +79,6 @@ class Registry:
         return f"Registry({self.kind!r}, {self.names()})"
 
 
-#: The three registries the plugin exposes.
-noise_generators = Registry("noise generator")
+#: The registries the plugin exposes.
 trainers = Registry("trainer")
 attacks = Registry("attack")

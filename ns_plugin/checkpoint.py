@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -51,18 +50,8 @@ def state_dict_of(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def atomic_save(obj: Any, path: os.PathLike | str) -> Path:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from .io import atomic_write
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(path: os.PathLike | str, model: nn.Module, *, ema: Optional[nn.Module] = None,
@@ -104,7 +93,7 @@ def read_checkpoint(path: os.PathLike | str, *, trust: bool = False,
         # timm's / EasyRobust's CheckpointSaver stores the training flags as an argparse.Namespace: plain data
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         if not trust:
             raise NSPluginError(f"checkpoint {path} contains pickled Python objects that weights_only loading "
                                 f"refuses; re-save it as a state dict, or pass trust=True (--trust-checkpoint) "

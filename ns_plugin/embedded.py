@@ -11,19 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Splits, load_digits
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
-    """Top-1 accuracy (in [0, 1]) of ``model`` on images ``x`` in [0, 1], in eval mode."""
-    was = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    correct = 0
-    for i in range(0, len(x), batch_size):
-        correct += (model(x[i:i + batch_size].to(dev)).argmax(1).cpu() == y[i:i + batch_size]).sum().item()
-    model.train(was)
-    return correct / max(len(x), 1)
+from .models import accuracy
 
 
 def train_default_model(splits: Optional[Splits] = None, *, epochs: int = 30, seed: int = 0,

@@ -78,6 +78,19 @@ def build_default_model(num_classes: int = 10, *, seed: Optional[int] = None,
     return wrap(VisionTransformer(**cfg), mean, std)
 
 
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
+    """The one top-1 accuracy helper: fraction (in [0, 1]) of ``model`` on images ``x`` in [0, 1], in eval mode."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += (model(x[i:i + batch_size].to(dev)).argmax(1).cpu() == y[i:i + batch_size]).sum().item()
+    model.train(was)
+    return correct / max(len(x), 1)
+
+
 def input_size(model: nn.Module) -> Optional[Tuple[int, int, int]]:
     """``(C, H, W)`` a model expects, read from timm's ``patch_embed`` or ``pretrained_cfg``, else None."""
     _, core = unwrap(model)

@@ -40,7 +40,8 @@ def accuracy(model, x, y):
 
 
 def test_plain_import_has_no_side_effects():
-    code = ("import ns_plugin, ns_plugin.integrations, ns_plugin.integrations.timm, ns_plugin.integrations.torchattacks, ns_plugin.integrations.robustbench, ns_plugin.integrations.easyrobust, ns_plugin.attacks, torchattacks, timm; "
+    code = ("import ns_plugin, ns_plugin.integrations, ns_plugin.integrations.timm, ns_plugin.integrations.torchattacks, "
+            "ns_plugin.integrations.robustbench, ns_plugin.integrations.easyrobust, ns_plugin.attacks, torchattacks, timm; "
             "assert not hasattr(torchattacks, 'PatchFool'); assert 'PatchFool' not in torchattacks.__all__; "
             "assert not timm.is_model('ns_vit_digits'); print('clean')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
@@ -143,9 +144,18 @@ def test_ns_vit_digits_is_a_timm_model_with_weights(registered, trained, monkeyp
     assert fresh.head.out_features == 3
 
 
+def test_ns_vit_digits_never_trains_on_a_registry_call(registered, monkeypatch, tmp_path):
+    """An empty cache gives one line naming the command that makes the weights; nothing is trained or written."""
+    import timm
+    monkeypatch.setenv("NS_PLUGIN_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(NSPluginError, match=r"no trained weights for ns_vit_digits .*ns-plugin evaluate") as e:
+        timm.create_model("ns_vit_digits", pretrained=True)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "empty").exists()
+
+
 def test_register_checkpoint_timm_easyrobust_and_robustbench(registered, trained, checkpoint, tmp_path, small_batch):
     import timm
-    import ns_plugin
     from ns_plugin.models import Normalize
     from ns_plugin.integrations.timm import register_checkpoint, registered_timm_models
     x, y = small_batch

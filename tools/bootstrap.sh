@@ -37,7 +37,7 @@ pip_ install --no-deps --force-reinstall robustbench==1.1.1
 pip_ install --no-deps easyrobust==0.2.4
 pip_ install tqdm opt_einsum einops ftfy regex PyWavelets
 # 5. the rest, then the package itself (its own install_requires are all satisfied by now).
-pip_ install numpy scipy matplotlib scikit-learn pyyaml pytest imagecorruptions==1.1.2
+pip_ install numpy scipy matplotlib scikit-learn pyyaml pytest ruff imagecorruptions==1.1.2
 pip_ install --no-deps -e .
 # fail loudly here rather than in the first test if the layering did not work
 "$VENV/bin/python" - <<'PY'

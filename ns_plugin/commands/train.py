@@ -1,4 +1,4 @@
-"""``ns-plugin train``: fine-tune with a registered method (seed 001 Alg. 1 and the baselines).
+"""``ns-plugin train``: fine-tune with a registered method (arXiv:2403.10476 Alg. 1 and the baselines).
 
 ``ns-plugin train --config FILE [--method NAME] [--out DIR] [--resume] [--<any config key> VALUE]``.
 Precedence as in EasyRobust's ``train.py``: flag > YAML file > built-in default. ``DIR`` receives a

@@ -1,11 +1,11 @@
-"""``ns-plugin watermark``: output-preserving watermarking with the patch-embedding nullspace (seed 000 §6,
-Eq. 7, A.2; seed 001 appendix E)."""
+"""``ns-plugin watermark``: output-preserving watermarking with the patch-embedding nullspace (OpenReview:d8VrVfNARSy §6,
+Eq. 7, A.2; arXiv:2403.10476 appendix E)."""
 from __future__ import annotations
 
 import json
 
 HELP = ("watermark IMAGE with WATERMARK inside the model's patch-embedding nullspace, so the model's output "
-        "is unchanged (seed 000 Eq. 7); the watermark is resized to the image size")
+        "is unchanged (OpenReview:d8VrVfNARSy Eq. 7); the watermark is resized to the image size")
 
 
 def add_model_choice(p, *, flag: str = "--model") -> None:
@@ -50,7 +50,8 @@ def add_arguments(p):
     p.add_argument("--p", type=int, choices=(1, 2), default=1,
                    help="norm of Eq. 7 (default 1, the paper's choice)")
     p.add_argument("--solver", choices=("exact", "highs", "slsqp"), default="exact",
-                   help="'exact' (batched semismooth Newton for p=2, batched interior-point LP for p=1; default), 'highs' (p=1 only, HiGHS simplex per patch) or the paper's SciPy "
+                   help="'exact' (batched semismooth Newton for p=2, batched interior-point LP for p=1; default), "
+                        "'highs' (p=1 only, HiGHS simplex per patch) or the paper's SciPy "
                         "SLSQP (slow: seconds per patch)")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="watermarked image (8-bit, format from the suffix, e.g. .png)")
@@ -82,7 +83,6 @@ def _load_image(spec: str, size, channels, what: str):
 
 
 def run(args) -> int:
-    import torch
     from pathlib import Path
     from ..errors import NSPluginError
     from ..models import input_size

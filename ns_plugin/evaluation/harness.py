@@ -1,4 +1,4 @@
-"""The comparison harness behind ``ns-plugin demo`` and ``benchmarks/compare.py`` (seed 001 Tables 2-4, Fig. 4).
+"""The comparison harness behind ``ns-plugin demo`` and ``benchmarks/compare.py`` (arXiv:2403.10476 Tables 2-4, Fig. 4).
 
 One config (YAML or dict) names the data, the starting model, the shared training settings, the list of
 fine-tuning runs and the evaluation. The harness then
@@ -33,6 +33,8 @@ from .report import slug as _slug
 
 #: The demo configuration shipped as package data (every method of the paper on digits + tiny ViT, about 5 min
 #: on 2 cores); comparison configs start from it.
+logger = logging.getLogger(__name__)
+
 DEMO_CONFIG_FILE = "configs/demo.yaml"
 
 
@@ -172,11 +174,11 @@ def _write_json(path: Path, obj: Any) -> None:
 class Comparison:
     """One comparison run in a results folder (see the module docstring)."""
 
-    def __init__(self, cfg: Dict[str, Any], out: os.PathLike, *, progress: bool = True, log=print):
+    def __init__(self, cfg: Dict[str, Any], out: os.PathLike, *, progress: bool = True, log=None):
         self.cfg = validate_config(copy.deepcopy(cfg))
         self.out = Path(out)
         self.progress = progress
-        self.log = log
+        self.log = log if log is not None else logger.info  # library messages go through logging
         self.hash = config_hash(self.cfg)
         self.baseline_name = self.cfg["runs"][0]["name"]
 
@@ -556,6 +558,6 @@ def _load(ck: Path):
     return create_model(ck).eval()
 
 
-def run_comparison(cfg: Dict[str, Any], out: os.PathLike, *, progress: bool = True, log=print) -> Dict[str, Any]:
+def run_comparison(cfg: Dict[str, Any], out: os.PathLike, *, progress: bool = True, log=None) -> Dict[str, Any]:
     """Run (or resume) a comparison into ``out``; returns the tables text and the summary."""
     return Comparison(cfg, out, progress=progress, log=log).run()

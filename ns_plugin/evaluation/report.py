@@ -190,13 +190,13 @@ def write_log(rows: List[Dict[str, Any]], out: Path) -> None:
     atomic_write_text(out / "log.csv", buf.getvalue())
 
 
-#: Series of the Fig. 4-style plot (001 §5.4), when present in the log.
+#: Series of the Fig. 4-style plot (arXiv:2403.10476 §5.4), when present in the log.
 PLOT_KEYS = ("noise_norm", "mse_prob", "noise_steps", "loss", "ce_clean", "ce_noise", "probe_clean_acc",
              "probe_fgsm_acc")
 
 
 def plot_log(rows: List[Dict[str, Any]], path: os.PathLike, title: str = "") -> Optional[Path]:
-    """001 Fig. 4 style: each metric over model steps, divided by its first value. Returns the path."""
+    """arXiv:2403.10476 Fig. 4 style: each metric over model steps, divided by its first value. Returns the path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -214,7 +214,7 @@ def plot_log(rows: List[Dict[str, Any]], path: os.PathLike, title: str = "") -> 
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.set_xlabel("model steps")
     ax.set_ylabel("value / value at start")
-    ax.set_title(f"{title} (normalised to start, as in 001 Fig. 4)")
+    ax.set_title(f"{title} (normalised to start, as in arXiv:2403.10476 Fig. 4)")
     if drawn:
         ax.legend(fontsize=7)
     from ..io import atomic_savefig

@@ -1,5 +1,5 @@
-"""EasyRobust integration: a ``train_one_epoch`` with the signature of EasyRobust's (and timm's) training scripts, so such a script
-can train with any registered ns_plugin method by swapping one import::
+"""EasyRobust integration: a ``train_one_epoch`` with the signature of EasyRobust's (and timm's) training
+scripts, so such a script can train with any registered ns_plugin method by swapping one import::
 
     from ns_plugin.integrations.easyrobust import train_one_epoch   # or ns_plugin.train_one_epoch
     args.ns_method = "ns"            # or standard / random / madry / trades / dat / dat_ns
@@ -9,7 +9,7 @@ can train with any registered ns_plugin method by swapping one import::
 
 Method hyper-parameters are read from ``args`` when present under the :class:`TrainConfig` names
 (``eps``, ``lim``, ``noise_lr``, ``noise_max_steps``, ``search``, ``steps_per_round``, ``pgd_eps``,
-``trades_beta``, ``vqgan``, ``dat_eps``...), else the paper defaults. The noise (NS, 001 Alg. 1) is
+``trades_beta``, ``vqgan``, ``dat_eps``...), else the paper defaults. The noise (NS, arXiv:2403.10476 Alg. 1) is
 searched every ``steps_per_round`` (40) batches on the current batch, on rank 0, and broadcast. The
 method supplies its own cross-entropy terms (``loss_fn`` is not used; soft mixup targets work).
 The model is expected to take images in [0, 1] (``Sequential(Normalize, net)``, as EasyRobust builds it).

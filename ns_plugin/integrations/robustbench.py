@@ -159,7 +159,6 @@ def robustbench_imagenet_folder(data_dir, x, y, num_classes: int):
     places the model's k logits at those ImageNet indices (other logits at -1e4).
     """
     from pathlib import Path
-    import torch
     from torchvision.utils import save_image
 
     check_robustbench()

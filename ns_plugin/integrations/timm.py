@@ -144,16 +144,19 @@ def _digits_weights_path() -> str:
 
 
 def _ensure_digits_weights(path: str) -> None:
-    """The ``ns_vit_digits`` weights are the cached embedded default (trained here, ~15 s, on first use)."""
+    """The ``ns_vit_digits`` weights are the cached embedded default. A registry call never trains: when they
+    are missing, one line says how to make them."""
     from pathlib import Path
     if not Path(path).is_file():
-        from ..embedded import default_model
-        default_model(progress=False)
+        raise NSPluginError(f"no trained weights for ns_vit_digits at {path}; make them once with "
+                            f"`ns-plugin evaluate` (trains and caches the embedded default, about 20 s on CPU) "
+                            f"or pass pretrained_cfg_overlay=dict(file=CHECKPOINT)")
 
 
 def register_timm_digits() -> str:
     """Register the embedded architecture as the timm model ``ns_vit_digits`` (a bare ``VisionTransformer``
-    with the default config; ``pretrained=True`` loads the cached trained default, training it on first use).
+    with the default config; ``pretrained=True`` loads the cached trained default and fails with a one-line
+    :class:`NSPluginError` naming the command that makes it when there is none: it never trains).
     Its ``pretrained_cfg`` carries the digits mean/std and input size. Idempotent."""
     from ..models import DEFAULT_VIT, DIGITS_MEAN, DIGITS_STD
     path = _digits_weights_path()

@@ -1,4 +1,4 @@
-"""Nullspace noise generators (seed 001 §3, seed 000 §3-5).
+"""Nullspace noise generators (arXiv:2403.10476 §3, OpenReview:d8VrVfNARSy §3-5).
 
 * :mod:`ns_plugin.nullspace.exact` -- the exact nullspace of the patch-embedding map (image-space noise).
 * :mod:`ns_plugin.nullspace.search` -- the encoder-level ε-approximate nullspace noise search (Eq. 6-8,

@@ -71,6 +71,15 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _prepare(model: nn.Module, generator):
+    """``(generator, unwrapped model, its device)`` for a search: the generator from an int seed, the model
+    without DDP/DataParallel wrappers (never search through DDP: its forward runs collectives)."""
+    from ..models import strip_parallel
+    g = _generator(generator)
+    net = strip_parallel(model)
+    return g, net, _device(net)
+
+
 def _positive(name: str, value, *, integer: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
     if integer:
@@ -181,7 +190,7 @@ def uniform_noise(shape: Sequence[int], lim: float = 3.0, *, generator=None,
 
 
 def permuted(noise: torch.Tensor, *, generator=None) -> torch.Tensor:
-    """The same values as ``noise`` at randomly permuted positions (the control of seed 001 Fig. 3)."""
+    """The same values as ``noise`` at randomly permuted positions (the control of arXiv:2403.10476 Fig. 3)."""
     g = _generator(generator)
     flat = noise.detach().reshape(-1)
     idx = torch.randperm(flat.numel(), generator=g, device=_gen_device(g)).to(flat.device)

@@ -1,13 +1,13 @@
 """Algebra of the ε-approximate nullspace and noise transfer.
 
 * :func:`scale_influence` -- influence (MSE probability, prediction match) of ``α·v`` for a range of α
-  (seed 001, §5.6, Fig. 5(a)).
+  (arXiv:2403.10476, §5.6, Fig. 5(a)).
 * :func:`convex_grid` -- influence of ``α1·v_i + α2·v_j`` on an α grid in [0, 1]^2, averaged over pairs of
-  learnt noises (seed 001, §5.6, Fig. 5(b)); :func:`plot_convex_grid` draws it as a heatmap with the ε
+  learnt noises (arXiv:2403.10476, §5.6, Fig. 5(b)); :func:`plot_convex_grid` draws it as a heatmap with the ε
   contour, :func:`plot_scale_influence` the α curve (matplotlib, Agg backend, atomic writes).
 * :func:`learn_noises` -- m noises from different random inits (the set ``V`` of §5.6).
 * :func:`transfer_noise` -- apply a noise learnt on one model to another with the same token shape and
-  report its quality there (seed 000, §5.3, Fig. 3(c)).
+  report its quality there (OpenReview:d8VrVfNARSy, §5.3, Fig. 3(c)).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _as_list(noises: NoiseSet) -> List[torch.Tensor]:
 
 def learn_noises(model: nn.Module, data, m: int = 4, *, seed: int = 0, **search_kwargs) -> List[torch.Tensor]:
     """``m`` ε-approximate noises from different random inits (generators ``seed .. seed+m-1``), the set
-    ``V = {v_i}`` of seed 001 §5.6 (m = 100 there).  ``search_kwargs`` go to :func:`search_noise`."""
+    ``V = {v_i}`` of arXiv:2403.10476 §5.6 (m = 100 there).  ``search_kwargs`` go to :func:`search_noise`."""
     if not isinstance(m, int) or m < 1:
         raise NSPluginError(f"m must be a positive integer, got {m!r}")
     return [search_noise(model, data, generator=seed + i, **search_kwargs)[0] for i in range(m)]
@@ -50,7 +50,7 @@ def learn_noises(model: nn.Module, data, m: int = 4, *, seed: int = 0, **search_
 
 def scale_influence(model: nn.Module, noises: NoiseSet, x: torch.Tensor,
                     alphas: Optional[Sequence[float]] = None, *, batch_size: int = 256) -> Dict[str, list]:
-    """Mean influence of ``α·v`` over the noises, for each α (seed 001 Fig. 5(a)).
+    """Mean influence of ``α·v`` over the noises, for each α (arXiv:2403.10476 Fig. 5(a)).
 
     Returns ``{"alphas", "mse_prob", "pred_match"}`` (lists aligned with ``alphas``; MSE probability and
     % of unchanged predictions averaged over the noises).  Default α: 0, 0.1, ..., 2."""
@@ -76,7 +76,7 @@ def scale_influence(model: nn.Module, noises: NoiseSet, x: torch.Tensor,
 def convex_grid(model: nn.Module, noises: NoiseSet, x: torch.Tensor, *, pairs: int = 10, step: float = 0.1,
                 generator=None, batch_size: int = 256) -> Dict[str, list]:
     """MSE probability of ``α1·v_i + α2·v_j`` for α1, α2 in ``0, step, ..., 1``, averaged over ``pairs``
-    random pairs ``(i, j)``, i != j, of the noises (seed 001 Fig. 5(b); step 0.1, 10 pairs there).
+    random pairs ``(i, j)``, i != j, of the noises (arXiv:2403.10476 Fig. 5(b); step 0.1, 10 pairs there).
 
     Returns ``{"alphas", "grid", "pairs"}`` where ``grid[a][b]`` is the mean MSE probability at
     ``α1 = alphas[a]``, ``α2 = alphas[b]``."""
@@ -140,7 +140,7 @@ def plot_scale_influence(result: Dict[str, list], path: Union[str, os.PathLike],
 def plot_convex_grid(result: Dict[str, list], path: Union[str, os.PathLike], *, eps: Optional[float] = None
                      ) -> Path:
     """Heatmap of :func:`convex_grid` (α1 rows, α2 columns) with the ε contour and the α1 + α2 = 1 line
-    (seed 001 Fig. 5(b)), written atomically to ``path`` (PNG)."""
+    (arXiv:2403.10476 Fig. 5(b)), written atomically to ``path`` (PNG)."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -167,7 +167,7 @@ def plot_convex_grid(result: Dict[str, list], path: Union[str, os.PathLike], *, 
 
 def transfer_noise(noise: torch.Tensor, target: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor] = None, *,
                    generator=None, batch_size: int = 256) -> Dict[str, float]:
-    """Quality (:func:`noise_quality`) of a noise learnt on one model when applied to ``target`` (seed 000
+    """Quality (:func:`noise_quality`) of a noise learnt on one model when applied to ``target`` (OpenReview:d8VrVfNARSy
     §5.3, Fig. 3(c)).  Encoder-level noise needs the same ``(N_patches, D)`` token shape, input-level noise
     the same image shape; otherwise a one-line :class:`NSPluginError` names both shapes."""
     from ..anatomy import token_shape

@@ -60,7 +60,7 @@ def _eval_logits(net, x, noises, batch_size):
 
 def mse_probability(model: nn.Module, x: torch.Tensor, noise: torch.Tensor, *, batch_size: int = 256) -> float:
     """MSE probability of ``noise`` on images ``x``: mean over images of
-    ``||softmax(f(u + v)) - softmax(f(u))||^2`` (seed 001, Alg. 1 line 8; Fig. 3 and 5).  ``noise`` is
+    ``||softmax(f(u + v)) - softmax(f(u))||^2`` (arXiv:2403.10476, Alg. 1 line 8; Fig. 3 and 5).  ``noise`` is
     encoder-level ``(1, N_patches, D)`` or input-level ``(1, C, H, W)``.  Computed in eval mode."""
     from ..models import strip_parallel
     from ..models import check_images
@@ -74,7 +74,7 @@ def mse_probability(model: nn.Module, x: torch.Tensor, noise: torch.Tensor, *, b
 
 def noise_quality(model: nn.Module, noise: torch.Tensor, x: torch.Tensor, y: Optional[torch.Tensor] = None, *,
                   generator=None, batch_size: int = 256) -> Dict[str, float]:
-    """Quality of a learnt noise on held-out images (seed 001 Fig. 3(a), seed 000 Fig. 2).
+    """Quality of a learnt noise on held-out images (arXiv:2403.10476 Fig. 3(a), OpenReview:d8VrVfNARSy Fig. 2).
 
     Returns ``n``, ``norm``, ``pred_match`` (% of images whose predicted class is unchanged by the noise),
     ``mse_prob``, the permuted-noise control (``permuted_pred_match``, ``permuted_mse_prob``: same values at

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import NSPluginError
-from ._common import NoiseRecord, _Batches, _Forward, _device, _diverged, _generator, _positive, frozen, uniform_noise
+from ._common import NoiseRecord, _Batches, _Forward, _diverged, _positive, _prepare, frozen, uniform_noise
 from .metrics import mse_prob, noise_quality
 
 __all__ = ["learn_noise_regularized", "lim_sweep"]
@@ -22,11 +22,11 @@ def learn_noise_regularized(model: nn.Module, data, *, lam: float = 0.0, lim: fl
                             steps: int = 500, p: float = 2.0, milestones: Sequence[float] = (0.3, 0.6, 0.8),
                             level: str = "encoder", batch_size: int = 128, eps: float = 0.03, generator=None,
                             progress: bool = False) -> Tuple[torch.Tensor, NoiseRecord]:
-    """Learn a noise with the λ-regularised objective of seed 001 Eq. 4 by plain gradient descent:
-    ``L(v) = mean_i ||z'_i - z_i||_p - lam * log ||v||`` (``lam = 0`` gives seed 000's Eq. 6 / A.1 loss,
+    """Learn a noise with the λ-regularised objective of arXiv:2403.10476 Eq. 4 by plain gradient descent:
+    ``L(v) = mean_i ||z'_i - z_i||_p - lam * log ||v||`` (``lam = 0`` gives OpenReview:d8VrVfNARSy's Eq. 6 / A.1 loss,
     the ℓ_p distance of the logits, not squared).
 
-    As in seed 000, appendix A.1: ``v ~ U(-lim, lim)``, ``steps`` gradient steps of size ``lr`` (0.01 there),
+    As in OpenReview:d8VrVfNARSy, appendix A.1: ``v ~ U(-lim, lim)``, ``steps`` gradient steps of size ``lr`` (0.01 there),
     the step size divided by 10 at the given fractions of the run ([150, 300, 400] of 500 there).  No early
     stopping; ``record.reached`` tells whether the final noise is inside the ε region on the last batch
     (``eps`` is only used for that flag).  ``level="input"`` learns a pixel-level noise for any model.
@@ -34,7 +34,6 @@ def learn_noise_regularized(model: nn.Module, data, *, lam: float = 0.0, lim: fl
     """
     from tqdm.auto import tqdm
     from ..anatomy import token_shape
-    from ..models import strip_parallel
 
     for name, val in (("lim", lim), ("lr", lr), ("p", p), ("eps", eps)):
         _positive(name, val)
@@ -44,9 +43,7 @@ def learn_noise_regularized(model: nn.Module, data, *, lam: float = 0.0, lim: fl
         raise NSPluginError(f"lam must be a finite number >= 0, got {lam!r}")
     if level not in ("encoder", "input"):
         raise NSPluginError(f"level must be 'encoder' or 'input', got {level!r}")
-    g = _generator(generator)
-    net = strip_parallel(model)
-    dev = _device(net)
+    g, net, dev = _prepare(model, generator)
     t0 = time.perf_counter()
     with frozen(model):
         batches = _Batches(data, net, batch_size, g)
@@ -92,7 +89,7 @@ def lim_sweep(model: nn.Module, train_data, x_eval: torch.Tensor, y_eval: Option
               lims: Sequence[float] = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0), lam: float = 0.0,
               steps: int = 500, lr: float = 0.01, level: str = "encoder", batch_size: int = 128, seed: int = 0,
               progress: bool = False) -> List[Dict[str, float]]:
-    """The sampling-limit sweep of seed 000, §4 and appendix A.1 (Fig. 2): for each ``lim``, learn a noise
+    """The sampling-limit sweep of OpenReview:d8VrVfNARSy, §4 and appendix A.1 (Fig. 2): for each ``lim``, learn a noise
     with :func:`learn_noise_regularized` from ``U(-lim, lim)`` and report its :func:`noise_quality` on the
     held-out images (prediction match and MSE probability, learnt vs permuted).  One row per ``lim``
     with ``lim``, ``steps``, ``train_mse_prob`` and the quality metrics."""

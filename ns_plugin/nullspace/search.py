@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from ..errors import NSPluginError
-from ._common import (NoiseRecord, _Batches, _Forward, _check_input_noise, _device, _diverged, _generator,
-                      _positive, frozen, permuted, uniform_noise)
+from ._common import (NoiseRecord, _Batches, _Forward, _check_input_noise, _diverged, _positive, _prepare, frozen,
+                      permuted, uniform_noise)
 from .metrics import logit_loss, mse_prob
 
 __all__ = ["NoiseRecord", "search_noise", "search_input_noise", "uniform_noise", "permuted", "MODES"]
@@ -47,7 +47,6 @@ def _search(model, data, *, level, eps, lim, lr, max_steps, init, expand, max_ex
             generator, mode, weight_decay, progress, desc) -> Tuple[torch.Tensor, NoiseRecord]:
     from tqdm.auto import tqdm
     from ..anatomy import check_noise
-    from ..models import strip_parallel
 
     _positive("eps", eps)
     _positive("lim", lim)
@@ -65,9 +64,7 @@ def _search(model, data, *, level, eps, lim, lr, max_steps, init, expand, max_ex
         raise NSPluginError(f"weight_decay must be >= 0, got {weight_decay!r}")
     if not isinstance(model, nn.Module):
         raise NSPluginError(f"expected a torch.nn.Module model, got {type(model).__name__}")
-    g = _generator(generator)
-    net = strip_parallel(model)
-    dev = _device(net)
+    g, net, dev = _prepare(model, generator)
     t0 = time.perf_counter()
     with frozen(model):
         if level == "encoder":
@@ -180,7 +177,7 @@ def search_noise(model: nn.Module, data, *, eps: float = 0.03, lim: float = 3.0,
                  max_steps: int = 3000, init: Optional[torch.Tensor] = None, expand: Optional[float] = 1.1,
                  max_expand: int = 30, batch_size: int = 128, generator=None, mode: str = "fast",
                  weight_decay: float = 0.01, progress: bool = False) -> Tuple[torch.Tensor, NoiseRecord]:
-    """Search an encoder-level ε-approximate nullspace noise (seed 001, Eq. 7-8, Algorithm 1 lines 3-14).
+    """Search an encoder-level ε-approximate nullspace noise (arXiv:2403.10476, Eq. 7-8, Algorithm 1 lines 3-14).
 
     Starting from ``v ~ U(-lim, lim)`` of shape ``(1, N_patches, D)`` (or from ``init``), repeat: draw a
     batch, compute clean logits ``z`` and noisy logits ``z'`` (noise added to the patch-embedding output),
@@ -223,7 +220,7 @@ def search_input_noise(model: nn.Module, data, *, eps: float = 0.03, lim: float 
                        max_expand: int = 30, batch_size: int = 128, generator=None, mode: str = "fast",
                        weight_decay: float = 0.01, progress: bool = False) -> Tuple[torch.Tensor, NoiseRecord]:
     """The ε-approximate noise learnt at the *input* (pixel) level for the whole network, for any model
-    including CNNs (seed 000, §5.2-5.3, Fig. 3(b): ``ṽ_ω``).  Same procedure and arguments as
+    including CNNs (OpenReview:d8VrVfNARSy, §5.2-5.3, Fig. 3(b): ``ṽ_ω``).  Same procedure and arguments as
     :func:`search_noise`; the noise has shape ``(1, C, H, W)`` and is added to the images in [0, 1] before
     the model's normalisation (the sum is not clipped: it is a probe of the network, not an image)."""
     return _search(model, data, level="input", eps=eps, lim=lim, lr=lr, max_steps=max_steps, init=init,

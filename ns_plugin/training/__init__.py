@@ -1,6 +1,6 @@
 """Fine-tuning: one loop (:mod:`.loop`), methods that plug in their loss (:mod:`.methods`, registered in
 ``ns_plugin._registry.trainers``), and EasyRobust-style configs (:mod:`.config`); an EasyRobust/timm
-``train_one_epoch``-compatible entry lives in :mod:`ns_plugin.integrations.easyrobust`. Seed 001 §4-5 and appendix C.
+``train_one_epoch``-compatible entry lives in :mod:`ns_plugin.integrations.easyrobust`. arXiv:2403.10476 §4-5 and appendix C.
 
 >>> from ns_plugin.training import load_config, train
 >>> summary = train(load_config(method="ns", rounds=2, steps_per_round=5), out="runs/ns")  # doctest: +SKIP

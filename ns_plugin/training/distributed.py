@@ -12,6 +12,7 @@ from torch import nn
 
 from ..models import strip_parallel  # noqa: F401  (the one DDP unwrapper, re-exported for the trainer)
 from .config import TrainConfig
+from .state import round_seed
 
 
 def init_distributed() -> Tuple[int, int, torch.device]:
@@ -50,7 +51,7 @@ def search_and_broadcast(raw: nn.Module, data, cfg: TrainConfig, rnd: int, *,
     if rank == 0:
         from ..nullspace.search import search_noise
 
-        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + rnd * 101 + 1) % (2 ** 63))
+        g = torch.Generator().manual_seed(round_seed(cfg.seed, rnd, 1))
         was = raw.training
         raw.eval()
         try:

@@ -1,7 +1,7 @@
-"""The one training loop shared by every method (001 Alg. 1's outer structure for all of them).
+"""The one training loop shared by every method (arXiv:2403.10476 Alg. 1's outer structure for all of them).
 
 ``K`` rounds of ``S`` model steps. At the start of each round the method may compute a per-round
-quantity (NS: the ε-approximate noise of 001 Eq. 8); every step it supplies its loss; the loop does the
+quantity (NS: the ε-approximate noise of arXiv:2403.10476 Eq. 8); every step it supplies its loss; the loop does the
 rest: AdamW + cosine schedule, AMP on CUDA, gradient clipping, model EMA, DDP, per-round logging and
 an atomic resumable checkpoint at every round boundary.
 
@@ -180,14 +180,14 @@ class Trainer:
         return _fetch(self.train_set, idx)[0].to(self.device)
 
     def search_data(self):
-        """What the noise search draws its minibatches from: the training images (001 Alg. 1 line 5)."""
+        """What the noise search draws its minibatches from: the training images (arXiv:2403.10476 Alg. 1 line 5)."""
         from torch.utils.data import TensorDataset
         if isinstance(self.train_set, TensorDataset):
             return self.train_set.tensors[0]
         return self.train_set
 
     def find_noise(self, rnd: int, init: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
-        """The ε-approximate noise for round ``rnd`` (001 Eq. 8), each search step on a fresh minibatch of
+        """The ε-approximate noise for round ``rnd`` (arXiv:2403.10476 Eq. 8), each search step on a fresh minibatch of
         ``search_batch_size`` training images: searched on rank 0 in fp32 and eval mode with the unwrapped
         model, then broadcast to every rank."""
         data = self.search_data() if self.is_main else None
@@ -196,7 +196,7 @@ class Trainer:
 
     @torch.no_grad()
     def mse_prob(self, noise: torch.Tensor, rnd: int = 0) -> float:
-        """001 Alg. 1 line 8: mean over the round's search images of ‖softmax(z') − softmax(z)‖²."""
+        """arXiv:2403.10476 Alg. 1 line 8: mean over the round's search images of ‖softmax(z') − softmax(z)‖²."""
         from ..anatomy import inject_noise
         from ..nullspace.metrics import mse_prob
 
@@ -273,10 +273,10 @@ class Trainer:
 
     @torch.no_grad()
     def run_probe(self) -> Dict[str, float]:
-        """Held-out probe: clean accuracy and FGSM (ε 1/255, as 001 App. C) accuracy of the current model."""
+        """Held-out probe: clean accuracy and FGSM (ε 1/255, as arXiv:2403.10476 App. C) accuracy of the current model."""
         import torchattacks
 
-        from ..embedded import accuracy
+        from ..models import accuracy
 
         x, y = self.probe
         out = {"probe_clean_acc": accuracy(self.raw, x, y)}

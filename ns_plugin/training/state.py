@@ -103,3 +103,9 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
+
+
+def round_seed(seed: int, rnd: int, purpose: int) -> int:
+    """The seed of round ``rnd``'s random draws for ``purpose`` (1: the noise search's init and data order,
+    2: the random-noise ablation's Gaussian): the same on every rank and on resume."""
+    return (int(seed) * 1_000_003 + rnd * 101 + purpose) % (2 ** 63)
