@@ -111,7 +111,8 @@ def run_sources(cfg: Dict[str, Any]) -> List[Dict[str, Any]]:
     tr = cfg.get("training", {}) or {}
     out = []
     for run in cfg["runs"]:
-        get = (lambda k, d=None: run.get(k, tr.get(k, d)))
+        def get(k, d=None, run=run):
+            return run.get(k, tr.get(k, d))
         out.append({"name": run["name"], "method": run.get("method"), "model": cfg["model"],
                     "pretrained": bool(get("pretrained", False)), "init": get("init"),
                     "init_ema": bool(get("init_ema", False)), "num_classes": get("num_classes"),
