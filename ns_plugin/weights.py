@@ -117,17 +117,27 @@ class Status:
         return f"{self.what}: {self.detail}" if self.detail else f"{self.what}: {self.state}"
 
 
-def check_timm_name(name: str) -> None:
-    """Raise one line when timm does not know ``name`` (tags such as ``.augreg_in1k`` allowed)."""
+def timm_name_hint(name: str) -> Optional[str]:
+    """None when timm knows ``name`` (pretrained tags such as ``.augreg_in1k`` and ``hf-hub:`` names allowed),
+    else a suggestion (``"; did you mean 'x'?"`` or ``""``). The one lookup of model names in ns_plugin."""
     import difflib
 
     import timm
     if name.startswith("hf-hub:") or timm.is_model(name):
-        return
-    base = name.split(".")[0]
-    close = difflib.get_close_matches(base, timm.list_models(), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else "; see timm.list_models()"
-    raise NSPluginError(f"timm has no model named {name!r}{hint}")
+        return None
+    base = name.split(".", 1)[0]
+    known = timm.list_models()
+    if base in known:
+        return None
+    close = difflib.get_close_matches(base, known, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_timm_name(name: str) -> None:
+    """Raise one line when timm does not know ``name``."""
+    hint = timm_name_hint(name)
+    if hint is not None:
+        raise NSPluginError(f"timm has no model named {name!r}{hint or '; see timm.list_models()'}")
 
 
 def pretrained_status(name: str, *, network: bool = True) -> Status:
