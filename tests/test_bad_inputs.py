@@ -101,20 +101,20 @@ CLI_CASES = [
     ("train-config-binary", ["train", "--config", "{i}/good.pth"], "not a text"),
     ("demo-config-binary", ["demo", "--config", "{i}/good.pth"], "not a text"),
     ("train-config-missing", ["train", "--config", "{i}/missing.yaml"], "does not exist"),
-    ("train-checkpoint-zero", ["train", "--checkpoint", "{i}/zero.pth", "--out", "{w}/R"] + TRAIN_FAST, "empty"),
-    ("train-checkpoint-folder", ["train", "--checkpoint", "{i}/ckdir"], "folder"),
+    ("train-checkpoint-zero", ["train", "--init", "{i}/zero.pth", "--out", "{w}/R"] + TRAIN_FAST, "empty"),
+    ("train-checkpoint-folder", ["train", "--init", "{i}/ckdir"], "folder"),
     ("train-out-is-file", ["train", "--out", "{i}/afile"] + TRAIN_FAST, "is a file"),
     ("train-out-under-file", ["train", "--out", "{i}/afile/R"] + TRAIN_FAST, "file"),
     ("train-resume-nothing", ["train", "--resume", "--out", "{w}/R"] + TRAIN_FAST, "nothing to resume"),
-    ("train-11-classes", ["train", "--checkpoint", "{i}/good.pth", "--data", "{i}/eleven", "--out", "{w}/R"]
+    ("train-11-classes", ["train", "--init", "{i}/good.pth", "--data", "{i}/eleven", "--out", "{w}/R"]
      + TRAIN_FAST, "11 classes but the model has 10"),
-    ("train-image-size", ["train", "--checkpoint", "{i}/good.pth", "--data", "{i}/eleven", "--image-size", "4",
+    ("train-image-size", ["train", "--init", "{i}/good.pth", "--data", "{i}/eleven", "--image-size", "4",
                           "--out", "{w}/R"] + TRAIN_FAST, "input size 32"),
-    ("train-five-class-ckpt", ["train", "--checkpoint", "{i}/five.pth", "--out", "{w}/R"] + TRAIN_FAST,
+    ("train-five-class-ckpt", ["train", "--init", "{i}/five.pth", "--out", "{w}/R"] + TRAIN_FAST,
      "10 classes but the model has 5"),
     ("train-limit-zero", ["train", "--train-limit", "0"], "--train-limit"),
     ("train-num-classes-default", ["train", "--num-classes", "5", "--out", "{w}/R"] + TRAIN_FAST, "10 classes"),
-    ("train-bad-image", ["train", "--checkpoint", "{i}/good.pth", "--data", "{i}/notimg", "--out", "{w}/R"]
+    ("train-bad-image", ["train", "--init", "{i}/good.pth", "--data", "{i}/notimg", "--out", "{w}/R"]
      + TRAIN_FAST, "b.png"),
     ("eval-batch-neg", ["evaluate", "--batch-size", "-5"], "--batch-size"),
     ("eval-batch-zero", ["evaluate", "--batch-size", "0"], "--batch-size"),

@@ -181,7 +181,8 @@ def preflight(cfg: Dict[str, Any], out: os.PathLike, *, network: bool = True) ->
         runs = f" (runs {', '.join(map(repr, names))})"
         st = status[key]
         if key[0] == "init":
-            pf.add(f"init {key[1]}" + (" [EMA]" if key[2] else ""), st.state, st.detail + runs)
+            src = key[1] if len(key[1]) <= 72 else key[1][:34] + "..." + key[1][-35:]
+            pf.add(f"init {src}" + (" [EMA]" if key[2] else ""), st.state, st.detail + runs)
         elif key[0] == "pretrained":
             pf.add(f"pretrained weights of {key[1]}", st.state, st.detail + runs)
         elif key[0] == "default":
