@@ -137,7 +137,7 @@ def check_timm_name(name: str) -> None:
     """Raise one line when timm does not know ``name``."""
     hint = timm_name_hint(name)
     if hint is not None:
-        raise NSPluginError(f"timm has no model named {name!r}{hint or '; see timm.list_models()'}")
+        raise NSPluginError(f"unknown model {name!r}: not a timm model name{hint or ' (see timm.list_models())'}")
 
 
 def pretrained_status(name: str, *, network: bool = True) -> Status:
@@ -238,12 +238,12 @@ def url_cache_path(url: str) -> Path:
 
 def init_status(source: str, *, network: bool = True) -> Status:
     """``present`` (file, or URL already downloaded), ``reachable`` (URL to download) or ``missing``."""
-    what = f"init checkpoint {source}"
+    what = f"checkpoint {source}"
     if not is_url(source):
         p = Path(source).expanduser()
         if p.is_file():
             return Status(what, "present", str(p), p)
-        return Status(what, "missing", "is a folder, not a checkpoint file" if p.is_dir() else "no such file")
+        return Status(what, "missing", "is a folder, not a checkpoint file" if p.is_dir() else "does not exist")
     cached = url_cache_path(source)
     if cached.is_file():
         return Status(what, "present", f"cached at {cached}", cached)
@@ -264,7 +264,7 @@ def fetch(source: str, *, progress: bool = True) -> Path:
         return st.path
     why = unreachable(source)
     if why:
-        raise NSPluginError(f"init checkpoint {source} cannot be downloaded ({why}) and is not in the torch hub "
+        raise NSPluginError(f"checkpoint {source} cannot be downloaded ({why}) and is not in the torch hub "
                             f"cache {url_cache_path(source).parent}")
     dst = url_cache_path(source)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -273,7 +273,7 @@ def fetch(source: str, *, progress: bool = True) -> Path:
     try:
         torch.hub.download_url_to_file(source, str(dst), progress=progress)  # temp file + move: atomic
     except Exception as e:  # noqa: BLE001
-        raise NSPluginError(f"downloading init checkpoint {source} failed ({type(e).__name__}: {_reason(e)})") from None
+        raise NSPluginError(f"downloading checkpoint {source} failed ({type(e).__name__}: {_reason(e)})") from None
     log.info("downloaded %s (%.0f MB, %.0f s)", dst.name, dst.stat().st_size / 2 ** 20, time.time() - t0)
     return dst
 

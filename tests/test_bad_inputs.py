@@ -59,13 +59,14 @@ def inputs(tmp_path_factory):
     for name, text in {
         "seed_abc.yaml": "seed: abc\n", "data5.yaml": "data: 5\n", "unknown.yaml": "foo: 1\n",
         "list.yaml": "- a\n- b\n", "badyaml.yaml": "a: [1, 2\n", "ema_maybe.yaml": "model_ema: maybe\n",
-        "rounds_abc.yaml": "training: {rounds: abc}\n", "name5.yaml": "name: 5\n",
-        "table4.yaml": "tables: {table4: [['0.1', 'ViT']]}\n", "evallist.yaml": "eval: [1, 2]\n",
-        "resnet.yaml": "model: resnet18\n", "nattack.yaml": "eval: {n_attack: -5}\n",
-        "runs_empty.yaml": "runs: []\n", "dup.yaml": "runs: [{name: a, method: ns}, {name: a, method: ns}]\ntables: {}\n",
-        "sev.yaml": "eval: {severities: [0, 9]}\n", "corr.yaml": "eval: {corruptions: [foggy]}\n",
-        "run_eps.yaml": "runs: [{name: a, method: ns, eps: -1}]\ntables: {}\n",
-        "nodata.yaml": f"data: {d / 'cats'}\n",
+        "rounds_abc.yaml": "base: demo\ntraining: {rounds: abc}\n", "name5.yaml": "base: demo\nname: 5\n",
+        "table4.yaml": "base: demo\ntables: {table4: [['0.1', 'ViT']]}\n", "evallist.yaml": "base: demo\neval: [1, 2]\n",
+        "resnet.yaml": "base: demo\nmodel: resnet18\n", "nattack.yaml": "base: demo\neval: {n_attack: -5}\n",
+        "runs_empty.yaml": "base: demo\nruns: []\n",
+        "dup.yaml": "base: demo\nruns: [{name: a, method: ns}, {name: a, method: ns}]\ntables: {}\n",
+        "sev.yaml": "base: demo\neval: {severities: [0, 9]}\n", "corr.yaml": "base: demo\neval: {corruptions: [foggy]}\n",
+        "run_eps.yaml": "base: demo\nruns: [{name: a, method: ns, eps: -1}]\ntables: {}\n",
+        "nodata.yaml": f"base: demo\ndata: {d / 'cats'}\n",
     }.items():
         (d / name).write_text(text)
     return d

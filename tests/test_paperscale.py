@@ -167,7 +167,7 @@ def test_preflight_stops_bad_input_in_one_line_before_training(caches, tmp_path)
            r"classes of 'five': the model has 5 classes but the data has 3")
     # an init URL that cannot be reached (a closed local port: fails at once)
     _stops(_cfg(data, runs=[{"name": "u", "method": None, "init": "http://127.0.0.1:9/dat.pth"}]), out,
-           r"init checkpoint http://127.0.0.1:9/dat.pth cannot be downloaded .*Connection refused")
+           r"checkpoint http://127.0.0.1:9/dat.pth cannot be downloaded .*Connection refused")
     # a benchmark column whose folder is missing
     _stops(_cfg(data, eval={"skip": ["DamageNet", "A", "C", "V2", "Sketch", "Stylized"]}), out,
            r"column R: no folder .*imagenet-r; add it .* or list R under eval.skip")
