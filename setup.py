@@ -17,7 +17,8 @@ setup(
     python_requires=">=3.10",
     license="MIT",
     packages=find_packages(include=["ns_plugin", "ns_plugin.*"]),
-    package_data={"ns_plugin": ["configs/*.yaml"]},
+    # demo config and the embedded default model's weights (safetensors, SHA-256 checked on load)
+    package_data={"ns_plugin": ["configs/*.yaml", "weights/*.safetensors"]},
     install_requires=[
         "torch>=2.1",
         "torchvision",

@@ -16,7 +16,7 @@ LAYERS = {
     "ns_plugin.training": 5,
     "ns_plugin.applications": 6, "ns_plugin.analysis": 6,
     "ns_plugin.integrations": 7,
-    "ns_plugin.evaluation.harness": 8, "ns_plugin.evaluation.preflight": 8,
+    "ns_plugin.evaluation.harness": 8, "ns_plugin.evaluation.preflight": 8, "ns_plugin.evaluation.seeds": 8,
     "ns_plugin.cli": 8, "ns_plugin.commands": 8, "ns_plugin.__main__": 8,
     "ns_plugin": 8,  # the package's lazy table of public names
 }

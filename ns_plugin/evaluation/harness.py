@@ -129,10 +129,12 @@ def _compare_spec() -> Dict[str, Any]:
         "data": PathCheck("dir", special=("digits",)),
         "model": Custom(lambda v, w: _check_vit(check_model_name(Str()(v, w), w), w), "'default' or a timm ViT name"),
         "seed": Int(0),
+        "seeds": Custom(lambda v, w: _check_seeds(v), "a list of distinct non-negative integers, e.g. [0, 1, 2]",
+                        optional=True),
         "training": Mapping_(train),
         "runs": ListOf(Custom(lambda v, w: _check_run(v, w, run), "a run mapping"), min_len=1),
         "eval": Mapping_({
-            "n_attack": Int(1), "fgsm_eps": unit,
+            "n_attack": Int(1, optional=True), "fgsm_eps": unit,   # null: the whole test split
             "pgd": Mapping_({"eps": unit, "alpha": unit, "steps": Int(1), "random_start": Bool()}),
             "cw": Mapping_({"c": Float(0, lo_open=True), "kappa": Float(0), "steps": Int(1),
                             "lr": Float(0, lo_open=True)}),
@@ -148,10 +150,16 @@ def _compare_spec() -> Dict[str, Any]:
             "severities": ListOf(Int(1, 5), min_len=1),
             "corruptions": OneOf(Choice("all"), ListOf(Choice(*IMAGENET_C), min_len=1)),
             "skip": ListOf(Choice(*[c for c in ALL_COLUMNS if c != "Clean"]), optional=True),
+            "surrogate_sets": Bool(optional=True),
         }),
         "tables": Mapping_({"table2": ListOf(Str()), "table3": ListOf(Str()),
                             "table4": ListOf(ListOf(Custom(_cell, "a text or number"), length=3))}),
     }
+
+
+def _check_seeds(v):
+    from .seeds import check_seeds
+    return check_seeds(v)
 
 
 def _check_run(r, where, spec):
@@ -299,6 +307,12 @@ class Comparison:
                 self.log(f"writing EasyRobust-layout benchmark folders to {root} (once; cached)")
                 write_benchmark_folders(root, test, fresh=fresh, severities=sev, corruptions=cors,
                                         progress=self.progress)
+            if cfg["eval"].get("surrogate_sets"):
+                from .surrogate_sets import ensure_surrogate_sets
+                if not ((root / "damagenet").is_dir() and (root / "imagenet-a").is_dir()):
+                    self.log("building the DamageNet-style and ImageNet-A-style sets from independent surrogates "
+                             "(once; cached)")
+                ensure_surrogate_sets(root, test, progress=self.progress)
         else:
             root = Path(cfg["data"])
             if not (root / "imagenet-val").is_dir():
@@ -408,19 +422,22 @@ class Comparison:
 
     # -- evaluation -----------------------------------------------------------------------------------------
     def evaluate(self, run: Dict[str, Any], ck: Path, root: Path, test) -> Dict[str, Any]:
-        from .suite import SHIFT_FOLDERS, attack_accuracy, corruption_accuracies, folder_accuracy
+        from .stats import bits
+        from .suite import SHIFT_FOLDERS, attack_correct, corruption_accuracies, correct_mask, folder_accuracy
         path = self.out / "evals" / f"{_slug(run['name'])}.json"
         if path.is_file():
             return json.loads(path.read_text())
         ev = self.cfg["eval"]
         model = _load(ck)
-        res: Dict[str, Any] = {"name": run["name"], "notes": {}}
+        res: Dict[str, Any] = {"name": run["name"], "notes": {}, "seed": self.cfg["seed"], "per_image": {}}
         t0 = time.time()
         res["Clean"] = folder_accuracy(model, root / "imagenet-val", engine="easyrobust")
         res["clean_images_per_s"] = round(len(test[1]) / max(time.time() - t0, 1e-9), 1)
-        x, y = test[0][:ev["n_attack"]], test[1][:ev["n_attack"]]
-        from .suite import top1
-        res["clean_attack_subset"] = top1(model, x, y)  # attacks run on these images only
+        res["per_image"]["Clean"] = bits(correct_mask(model, test[0], test[1]))
+        n_att = ev["n_attack"] or len(test[1])   # None: the whole test split
+        x, y = test[0][:n_att], test[1][:n_att]
+        res["n_attack"] = int(len(y))
+        res["clean_attack_subset"] = 100.0 * float(correct_mask(model, x, y).float().mean())  # attacks use these
         skip = set(ev.get("skip") or [])
         for col in sorted(skip):
             res["notes"][col] = "skipped: listed in eval.skip"
@@ -432,13 +449,17 @@ class Comparison:
                 res[col], res["notes"][col] = None, atk
                 continue
             with seeded(attack_seed(self.cfg["seed"], col)):  # the numbers are a function of config + seed
-                acc, ips = attack_accuracy(model, atk, x, y)
-            res[col], res[f"{col}_images_per_s"] = acc, round(ips, 1)
-        dn = ev.get("damagenet")
+                ok, ips = attack_correct(model, atk, x, y)
+            res[col], res[f"{col}_images_per_s"] = 100.0 * float(ok.float().mean()), round(ips, 1)
+            res["per_image"][col] = bits(ok)
+        dn = ev.get("damagenet") or (root / "damagenet" if (root / "damagenet").is_dir() else None)
         if "DamageNet" in skip:
             res["DamageNet"] = None
         elif dn and Path(dn).is_dir():
             res["DamageNet"] = folder_accuracy(model, dn, engine="fast")
+            if self.cfg["data"] == "digits":
+                from .suite import folder_tensors
+                res["per_image"]["DamageNet"] = bits(correct_mask(model, *folder_tensors(dn)))
         else:
             res["DamageNet"], res["notes"]["DamageNet"] = None, "skipped: no DamageNet folder configured"
         res["corruptions"] = None if "C" in skip else corruption_accuracies(
@@ -454,6 +475,9 @@ class Comparison:
             res[col] = acc
             if acc is None:
                 res["notes"][col] = f"skipped: no {folder}/ folder"
+            elif self.cfg["data"] == "digits":     # small folders: per-image results for the paired tests
+                from .suite import folder_tensors
+                res["per_image"][col] = bits(correct_mask(model, *folder_tensors(root / folder)))
         res["eval_seconds"] = round(time.time() - t0, 2)
         _write_json(path, res)
         return json.loads(path.read_text())  # the same (JSON-typed) record whether fresh or resumed
@@ -685,5 +709,14 @@ class seeded:
 
 
 def run_comparison(cfg: Dict[str, Any], out: os.PathLike, *, progress: bool = True, log=None) -> Dict[str, Any]:
-    """Run (or resume) a comparison into ``out``; returns the tables text and the summary."""
+    """Run (or resume) a comparison into ``out``; returns the tables text and the summary. With ``seeds`` of
+    two or more, every seed is a complete comparison in ``out/seed_<s>/`` and ``out/`` gets the tables over
+    seeds with paired tests (:mod:`ns_plugin.evaluation.seeds`)."""
+    seeds = cfg.get("seeds")
+    if seeds is not None and len(seeds) > 1:
+        from .seeds import run_seeded
+        return run_seeded(cfg, out, progress=progress, log=log)
+    if seeds:
+        cfg = dict(cfg, seed=seeds[0])
+    cfg = {k: v for k, v in cfg.items() if k != "seeds"}
     return Comparison(cfg, out, progress=progress, log=log).run()

@@ -77,9 +77,12 @@ def tables_markdown(cfg: Dict[str, Any], evals: Dict[str, Dict[str, Any]], rows:
     csvs: Dict[str, Table] = {}
     flag = " (PARTIAL: the run was interrupted; resume to complete)" if partial else ""
     md.write(f"# {cfg['name']}: robustness comparison{flag}\n\n")
-    md.write(f"Attacks run on the first {ev['n_attack']} test images (FGSM ε={ev['fgsm_eps'] * 255:.3g}/255, "
+    md.write(f"Attacks run on the first {ev['n_attack'] or 'all'} test images (FGSM ε={ev['fgsm_eps'] * 255:.3g}/255, "
              f"PGD ε={ev['pgd']['eps'] * 255:.3g}/255 x{ev['pgd']['steps']}, CW L2 c={ev['cw']['c']}, "
              f"PatchFool {ev['patchfool'].get('patches', 1)} patch); Clean is the whole test set. ")
+    tr = cfg.get("training", {})
+    md.write(f"Madry / TRADES train with PGD ε={tr.get('pgd_eps', 8 / 255) * 255:.3g}/255, step "
+             f"{tr.get('pgd_alpha', 2 / 255) * 255:.3g}/255, {tr.get('pgd_steps', 10)} steps. ")
     md.write(f"C is the mCE against the baseline run ({baseline!r} = 100), lower is better; the "
              f"Average is the paper's: the mean over the columns with values, C entering as 100 - mCE "
              f"(PGD, our extra column, is left out of it). Empty cells were skipped (see notes).\n\n")
