@@ -340,6 +340,22 @@ def register_timm_digits() -> str:
     return DIGITS_MODEL
 
 
+def checkpoint_arch(meta: Dict[str, object], path: str = "checkpoint"):
+    """The architecture of a checkpoint we wrote, from its ``meta``: the harness stores the timm name (or
+    ``"ns_vit_digits"``) in ``meta["arch"]``; ``ns-plugin train`` stores a hash of the architecture there and
+    the model name in ``meta["model"]`` (``"default"`` = the embedded tiny ViT)."""
+    import timm
+    for key in ("arch", "model"):
+        v = meta.get(key)
+        if v == "default":
+            v = DIGITS_MODEL
+        if isinstance(v, dict) or v == DIGITS_MODEL or (isinstance(v, str) and timm.is_model(v)):
+            return v
+    raise NSPluginError(f"{path} does not name a known architecture (meta arch={meta.get('arch')!r}, "
+                        f"model={meta.get('model')!r}); pass arch= a timm model name or a dict of "
+                        f"VisionTransformer arguments")
+
+
 def register_checkpoint(name: str, path, *, arch=None, use_ema: bool = False, robustbench=("imagenet",),
                         threat_models=ROBUSTBENCH_THREATS) -> List[str]:
     """Register an ns_plugin checkpoint as timm model(s); returns the timm names registered.
@@ -371,10 +387,7 @@ def register_checkpoint(name: str, path, *, arch=None, use_ema: bool = False, ro
     if isinstance(threat_models, str):
         threat_models = (threat_models,)
     ckpt, sd = _read_weights(path, use_ema)
-    arch = arch if arch is not None else ckpt.get("meta", {}).get("arch")
-    if arch is None:
-        raise NSPluginError(f"checkpoint {path} does not name its architecture (meta['arch']); pass arch= a timm "
-                            f"model name or a dict of VisionTransformer arguments")
+    arch = arch if arch is not None else checkpoint_arch(ckpt.get("meta") or {}, path)
     build = _arch_builder(arch)
     bare = _bare_state_dict(sd)
     if "head.weight" not in bare:
