@@ -16,7 +16,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
+    license="MIT",
     packages=find_packages(include=["ns_plugin", "ns_plugin.*"]),
+    package_data={"ns_plugin": ["configs/*.yaml", "_site/sitecustomize.py", "evaluation/templates/*.j2"]},
     install_requires=[
         "torch>=2.1",
         "torchvision",
@@ -27,11 +29,12 @@ setup(
         "matplotlib",
         "scikit-learn",
         "pyyaml",
+        "imagecorruptions>=1.1.2",  # ImageNet-C corruptions (ns_plugin.evaluation.corruptions)
     ],
     extras_require={
         # installed with --no-deps by tools/bootstrap.sh because of upstream pins (see README)
         "ecosystem": ["torchattacks==3.5.1", "robustbench==1.1.1", "easyrobust==0.2.4"],
-        "test": ["pytest"],
+        "test": ["pytest", "ruff"],
     },
     entry_points={
         "console_scripts": ["ns-plugin=ns_plugin.cli:main"],

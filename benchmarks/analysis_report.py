@@ -1,10 +1,10 @@
 """Run the analyses of issue 7 on the embedded default (tiny ViT on digits) and write figures.
 
-* Proposition 1 (seed 001 §3.2, app. B) on every attention layer of the trained model and on a Remark-1
+* Proposition 1 (arXiv:2403.10476 §3.2, app. B) on every attention layer of the trained model and on a Remark-1
   layer built to satisfy it.
-* Jacobian study (seed 004): singular values, Eq. 7 Lipschitz estimates along singular / random / null
+* Jacobian study (arXiv:2401.15568): singular values, Eq. 7 Lipschitz estimates along singular / random / null
   directions (Figs 3-4), embedding matching with cosine per step (Fig. 5), interpolation (Fig. 6).
-* Targeted nullspace triplets (seed 000 §7, A.3-A.4) with saliency maps (Fig. 5 / Fig. 7 style).
+* Targeted nullspace triplets (OpenReview:d8VrVfNARSy §7, A.3-A.4) with saliency maps (Fig. 5 / Fig. 7 style).
 
 Usage::
 
@@ -196,7 +196,10 @@ def main(argv=None) -> int:
     ap.add_argument("--match-steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=0.01, help="embedding-matching learning rate (plain GD)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="2 triplets, 1 Jacobian, 10 matching steps (a smoke run)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.n_triplets, args.n_jacobians, args.match_steps = 2, 1, 10
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     from ns_plugin.data import load_digits
     from ns_plugin.embedded import default_model

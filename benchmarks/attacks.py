@@ -17,12 +17,16 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=64, help="test images (default 64)")
     p.add_argument("--steps", type=int, default=250, help="PatchFool steps (default 250, the paper's)")
     p.add_argument("--match-steps", type=int, default=300, help="EmbeddingMatch steps (default 300)")
+    p.add_argument("--quick", action="store_true", help="8 images, 3 PatchFool and 5 matching steps (a smoke run)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.steps, args.match_steps = 8, 3, 5
 
     import ns_plugin
     import torchattacks
     from ns_plugin.data import load_digits
-    from ns_plugin.embedded import accuracy, default_model
+    from ns_plugin.embedded import default_model
+    from ns_plugin.models import accuracy
 
     ns_plugin.register()
     torch.manual_seed(0)
@@ -56,7 +60,8 @@ def main(argv=None):
 
     target = x.roll(1, 0)
     for name, kw in [("targeted_all", {}), ("targeted_all_clip", {"box": "clip"}),
-                     ("targeted_red", {"channels": "red"}), ("targeted_red_embedding", {"channels": "red", "objective": "embedding"})]:
+                     ("targeted_red", {"channels": "red"}),
+                     ("targeted_red_embedding", {"channels": "red", "objective": "embedding"})]:
         atk = torchattacks.TargetedNullspace(model, **kw)
         run(name, atk, target_images=target)
         info = atk.last_info

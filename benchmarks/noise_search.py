@@ -1,4 +1,4 @@
-"""Cost of the ε-approximate noise search (seed 001, Eq. 8 / Algorithm 1 lines 3-14), faithful vs fast.
+"""Cost of the ε-approximate noise search (arXiv:2403.10476, Eq. 8 / Algorithm 1 lines 3-14), faithful vs fast.
 
 On the embedded default (cached trained tiny ViT, digits train split) this simulates the rounds of NS
 fine-tuning (Alg. 1: a noise search, then S model steps on CE(clean) + CE(clean + noise)) and, on the same
@@ -22,7 +22,6 @@ import inspect
 import json
 import os
 import sys
-import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,14 +39,18 @@ def main(argv=None) -> int:
     p.add_argument("--expand", type=float, default=None, help="warm-start growth factor (default: search_noise's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded machine)")
+    p.add_argument("--quick", action="store_true", help="2 rounds, 2 fine-tune steps, batch 32, eps 0.3 (a smoke run)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.finetune_steps, args.batch_size, args.eps, args.max_steps = 2, 2, 32, 0.3, 200
 
     import torch
     import torch.nn.functional as F
     from ns_plugin.anatomy import inject_noise
     from ns_plugin.data import load_digits
     from ns_plugin.embedded import default_model
-    from ns_plugin.nullspace.approximate import noise_quality, search_noise
+    from ns_plugin.nullspace.metrics import noise_quality
+    from ns_plugin.nullspace.search import search_noise
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads (1: on a shared 2-core machine 2 threads were up to 50x slower)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="1 round of 2 steps, batch 16, standard and ns only (a smoke run)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps_per_round, args.batch_size, args.search_batch_size = 1, 2, 16, 16
+        args.methods = "standard,ns"
 
     import warnings
     warnings.filterwarnings("ignore")

@@ -1,4 +1,4 @@
-"""Watermarking (seed 000 Eq. 7): the paper's SciPy SLSQP (5000 iterations per patch) against the exact
+"""Watermarking (OpenReview:d8VrVfNARSy Eq. 7): the paper's SciPy SLSQP (5000 iterations per patch) against the exact
 batched solvers of :mod:`ns_plugin.applications.watermark`, on the SAME patches, for p = 2 and p = 1.
 
 Prints, per p: wall time of both, the time ratio SLSQP / exact, the summed objectives (exact must be <= SLSQP
@@ -20,14 +20,14 @@ import warnings
 import torch
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--patches-p2", type=int, default=32, help="patches solved by both solvers for p=2 (16 per image)")
     ap.add_argument("--patches-p1", type=int, default=8, help="patches solved by both solvers for p=1")
     ap.add_argument("--images", type=int, default=100, help="test digits for the quality report")
     ap.add_argument("--maxiter", type=int, default=5000, help="SLSQP iterations (paper: 5000)")
     ap.add_argument("--quick", action="store_true", help="8/4 patches and 20 images")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.quick:
         args.patches_p2, args.patches_p1, args.images = 8, 4, 20
     warnings.filterwarnings("ignore")

@@ -1,6 +1,6 @@
 """Anatomy of a ViT: where the encoder-level nullspace noise goes.
 
-The ε-approximate nullspace noise of the NS-ViT paper (seed 001, §3.2-3.3, Eq. 3-8, Algorithm 1 line 7)
+The ε-approximate nullspace noise of the NS-ViT paper (arXiv:2403.10476, §3.2-3.3, Eq. 3-8, Algorithm 1 line 7)
 is one tensor ``v`` of shape ``(1, N_patches, D)``, broadcast over the batch and added to the output
 of the patch embedding ``U = f_e(X)``: ``Z' = f_psi(f_phi^0(U + [v]))``.  As in the reference code, it is
 added *before* the cls (and distillation) token is prepended and before the position embedding, so the
@@ -17,12 +17,12 @@ Two ways in, both anchored on timm's own seams instead of a re-implemented forwa
   embedding of a batch can be computed once and shared between the clean and the noisy pass.
 
 Models without a ``patch_embed`` (CNNs...) have no encoder-level token space; for them use the
-input-level variant :func:`ns_plugin.nullspace.approximate.search_input_noise` (seed 000, §5.3).
+input-level variant :func:`ns_plugin.nullspace.search.search_input_noise` (OpenReview:d8VrVfNARSy, §5.3).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -30,16 +30,7 @@ from torch import nn
 from .errors import NSPluginError
 
 _INPUT_LEVEL_HINT = ("encoder-level noise needs a ViT-style `patch_embed` (timm VisionTransformer/DeiT); "
-                     "use the input-level variant ns_plugin.nullspace.approximate.search_input_noise instead")
-
-
-def strip_parallel(model: nn.Module) -> nn.Module:
-    """Remove DDP / DataParallel ``.module`` wrappers (keeps the ``Sequential(Normalize, net)``)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-            hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module)
-            and type(model).__name__ in ("DistributedDataParallel", "DataParallel")):
-        model = model.module
-    return model
+                     "use the input-level variant ns_plugin.nullspace.search.search_input_noise instead")
 
 
 def _core(model: nn.Module) -> Tuple[Optional[nn.Module], nn.Module]:
@@ -66,7 +57,7 @@ def _param_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
 
 def token_shape(model: nn.Module) -> Tuple[int, int]:
     """``(N_patches, D)``: the shape (without the batch dimension) of the patch-embedding output, i.e. of
-    the encoder-level noise (seed 001, Alg. 1 line 7; 1x196x768 for ViT-B/16 at 224)."""
+    the encoder-level noise (arXiv:2403.10476, Alg. 1 line 7; 1x196x768 for ViT-B/16 at 224)."""
     pe = patch_embed_of(model)
     n = getattr(pe, "num_patches", None)
     proj = getattr(pe, "proj", None)
@@ -123,7 +114,7 @@ def _add(out, noise: torch.Tensor):
 @contextlib.contextmanager
 def inject_noise(model: nn.Module, noise: Optional[torch.Tensor]) -> Iterator[nn.Module]:
     """Add ``noise`` (``(1, N_patches, D)``, broadcast over the batch) to the patch-embedding output of
-    ``model`` while the ``with`` block runs (seed 001, Alg. 1 line 7: ``f_psi(f_phi^0(U + [v]))``).
+    ``model`` while the ``with`` block runs (arXiv:2403.10476, Alg. 1 line 7: ``f_psi(f_phi^0(U + [v]))``).
 
     The noise enters *after* ``patch_embed`` and *before* the cls/dist token is prepended and the position
     embedding added, so the cls token is never perturbed.  Inside the block a plain ``model(x)`` returns the
@@ -148,7 +139,7 @@ def inject_noise(model: nn.Module, noise: Optional[torch.Tensor]) -> Iterator[nn
 class ViTAnatomy(nn.Module):
     """``model(x) == head(encode(embed(x)))`` for a timm ``VisionTransformer`` (wrapped or not in
     ``Sequential(Normalize, net)`` / DDP), with the encoder-level noise entering between ``embed`` and
-    ``encode`` (seed 001, Eq. 7: ``f_psi(f_phi^0(u + v))`` with ``u = f_e(x)``).
+    ``encode`` (arXiv:2403.10476, Eq. 7: ``f_psi(f_phi^0(u + v))`` with ``u = f_e(x)``).
 
     * ``embed(x)``: images in [0, 1] -> normalise -> ``patch_embed`` -> tokens ``(N, N_patches, D)``.
     * ``encode(tokens, noise=None)``: ``tokens + noise`` -> ``_pos_embed`` (prepends cls/dist tokens, adds the
@@ -162,6 +153,7 @@ class ViTAnatomy(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        from .models import strip_parallel
         norm, core = _core(strip_parallel(model))
         try:
             from timm.models.vision_transformer import VisionTransformer
@@ -217,3 +209,159 @@ class ViTAnatomy(nn.Module):
 def anatomy(model: nn.Module) -> ViTAnatomy:
     """:class:`ViTAnatomy` of ``model`` (raises :class:`NSPluginError` for models it cannot split)."""
     return ViTAnatomy(model)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# representations and embedding matching ("Intriguing Equivalence Structures of the Embedding Space of Vision
+# Transformers", arXiv:2401.15568, Eq. 3-4)
+# ----------------------------------------------------------------------------------------------------------
+#: What :func:`representation` can return.
+REPRESENTATIONS = ("cls", "features", "pre_logits", "logits")
+
+
+def representation(model: nn.Module, kind: str = "pre_logits", *, dtype: Optional[torch.dtype] = None):
+    """``f(x) -> (N, n)`` for images ``x`` in [0, 1] of shape ``(N, C, H, W)``: the one way ns_plugin reads a
+    model's representation.
+
+    ``kind``: ``"cls"`` (token 0 of timm's ``forward_features``, after the final norm), ``"features"`` (all
+    final tokens, flattened), ``"pre_logits"`` (``forward_head(..., pre_logits=True)``: what the classifier
+    reads) or ``"logits"``. ``model`` is ``Sequential(Normalize, timm ViT)`` or a bare timm model; ``logits``
+    works for any classifier. ``dtype``: run an eval-mode copy of the model in this dtype (e.g. float64 for
+    Jacobians); ``None`` uses the model as it is.
+    """
+    import copy
+
+    if kind not in REPRESENTATIONS:
+        raise NSPluginError(f"kind must be one of {', '.join(REPRESENTATIONS)}, got {kind!r}")
+    m = copy.deepcopy(model).to(dtype).eval() if dtype is not None else model
+    norm, core = _core(m)
+    if kind != "logits" and not (hasattr(core, "forward_features") and hasattr(core, "forward_head")):
+        raise NSPluginError(f"{type(core).__name__} has no forward_features/forward_head (timm models do); "
+                            f"use kind='logits' or pass your own function")
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        if dtype is not None:
+            x = x.to(dtype)
+        if kind == "logits":
+            return m(x)
+        z = norm(x) if norm is not None else x
+        feats = core.forward_features(z)
+        if kind == "cls":
+            return feats[:, 0] if feats.dim() == 3 else feats.flatten(1)
+        if kind == "features":
+            return feats.flatten(1)
+        return core.forward_head(feats, pre_logits=True).flatten(1)
+
+    f.model = m  # type: ignore[attr-defined]
+    f.kind = kind  # type: ignore[attr-defined]
+    return f
+
+
+def match_embedding(f, x: torch.Tensor, goal: torch.Tensor, *, steps: int, lr: float, optimizer: str = "sgd",
+                    clamp: bool = True, callback=None) -> Tuple[torch.Tensor, int]:
+    """Embedding matching (arXiv:2401.15568 Eq. 3-4): descend ``L(x) = 1/2 ||f(x) - goal||^2`` (per image,
+    summed over the batch) from ``x`` with ``optimizer`` (``"sgd"``: plain gradient descent as in the paper,
+    or ``"adam"``), keeping ``x`` in [0, 1] when ``clamp``.
+
+    ``callback(step, x, emb, loss_per_image)`` is called before each update and after the last one (step 0 ..
+    ``steps``); returning True stops there. Returns ``(x, updates made)``. The one implementation behind
+    :class:`ns_plugin.attacks.EmbeddingMatch` and :func:`ns_plugin.analysis.jacobian.embedding_matching`.
+    """
+    if optimizer not in ("sgd", "adam"):
+        raise NSPluginError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    x = x.detach().clone().requires_grad_(True)
+    opt = (torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam)([x], lr=lr)
+    step = 0
+    for step in range(int(steps) + 1):
+        emb = f(x)
+        per_image = 0.5 * (emb - goal).pow(2).flatten(1).sum(1)
+        if (callback is not None and callback(step, x.detach(), emb.detach(), per_image.detach())) or step == steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        per_image.sum().backward()
+        opt.step()
+        if clamp:
+            with torch.no_grad():
+                x.clamp_(0, 1)
+    return x.detach(), step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# attention capture
+# ----------------------------------------------------------------------------------------------------------
+def attention_modules(model: nn.Module) -> List[nn.Module]:
+    """The timm ``Attention`` modules of a ViT-style model (blocks with ``attn.attn_drop`` and
+    ``attn.fused_attn``), in depth order; ``[]`` when it has none."""
+    _, core = _core(model)
+    mods = []
+    for blk in getattr(core, "blocks", None) or []:
+        attn = getattr(blk, "attn", None)
+        if attn is not None and hasattr(attn, "attn_drop") and hasattr(attn, "fused_attn"):
+            mods.append(attn)
+    return mods
+
+
+class AttentionRecorder:
+    """Context manager recording every block's attention probabilities ``(B, heads, N, N)`` in forward order:
+    the one attention capture of ns_plugin (PatchFool, saliency maps).
+
+    timm 1.x computes attention with the fused ``scaled_dot_product_attention`` kernel by default, which never
+    materialises the probabilities; inside this context each ``Attention`` runs its explicit (mathematically
+    equal) path and a forward hook on its ``attn_drop`` reads the softmax output. timm's files are not touched
+    and the ``fused_attn`` flags are restored on exit. ``attn`` holds detached maps; with ``grads=True``
+    ``live`` holds them in the graph (for attention losses and :meth:`gradients`). :meth:`clear` empties both.
+
+    Example::
+
+        with AttentionRecorder(model, grads=True) as rec:
+            logits = model(x.requires_grad_())
+            grads = rec.gradients(logits[:, c].sum())
+        rec.attn, rec.grad   # lists, one tensor per block
+    """
+
+    def __init__(self, model: nn.Module, *, grads: bool = False):
+        self.modules = attention_modules(model)
+        if not self.modules:
+            raise NSPluginError(f"{type(_core(model)[1]).__name__} has no timm Attention blocks (`attn.fused_attn` "
+                                f"and `attn.attn_drop`); attention maps need a ViT-style model")
+        self.grads = grads
+        self.attn: List[torch.Tensor] = []
+        self.live: List[torch.Tensor] = []
+        self.grad: List[torch.Tensor] = []
+        self._handles: list = []
+        self._flags: list = []
+
+    def __enter__(self) -> "AttentionRecorder":
+        for a in self.modules:
+            self._flags.append((a, a.fused_attn))
+            a.fused_attn = False
+            self._handles.append(a.attn_drop.register_forward_hook(self._hook))
+        return self
+
+    def _hook(self, mod, inp, out) -> None:
+        probs = inp[0]  # the softmax output, before attention dropout
+        self.attn.append(probs.detach())
+        if self.grads:
+            self.live.append(probs)
+
+    def clear(self) -> None:
+        self.attn.clear()
+        self.live.clear()
+
+    def gradients(self, score: torch.Tensor) -> List[torch.Tensor]:
+        """Gradients of the scalar ``score`` w.r.t. every recorded attention map (``grads=True``), computed
+        with ``torch.autograd.grad`` so nothing accumulates in the model's ``.grad``."""
+        if not self.grads:
+            raise NSPluginError("AttentionRecorder(grads=True) is needed for gradients")
+        if not all(t.requires_grad for t in self.live):
+            raise NSPluginError("the attention maps do not require grad; run the forward with grad enabled on "
+                                "an input that requires grad")
+        self.grad = [g.detach() for g in torch.autograd.grad(score, self.live)]
+        return self.grad
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        for a, flag in self._flags:
+            a.fused_attn = flag
+        self._handles, self._flags = [], []

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -43,25 +42,15 @@ def _check_plain(obj: Any, where: str = "meta") -> None:
 
 def state_dict_of(model: nn.Module) -> Dict[str, torch.Tensor]:
     """State dict without DDP/DataParallel ``module.`` wrappers, tensors detached on CPU."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
+    from .models import strip_parallel
+    model = strip_parallel(model)
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def atomic_save(obj: Any, path: os.PathLike | str) -> Path:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from .io import atomic_write
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(path: os.PathLike | str, model: nn.Module, *, ema: Optional[nn.Module] = None,
@@ -101,7 +90,7 @@ def read_checkpoint(path: os.PathLike | str, *, trust: bool = False,
         raise NSPluginError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         if not trust:
             raise NSPluginError(f"checkpoint {path} contains pickled Python objects that weights_only loading "
                                 f"refuses; re-save it as a state dict, or pass trust=True (--trust-checkpoint) "

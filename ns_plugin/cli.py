@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import logging
 import sys
 import warnings
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from .errors import NSPluginError
 
@@ -36,20 +37,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.Handler):
+    """Prints ns_plugin's log records on the current ``sys.stderr`` (looked up at each record)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"ns-plugin: {record.getMessage()}", file=sys.stderr)
+
+
+def _show_library_messages() -> None:
+    """The library reports through ``logging`` (logger ``ns_plugin``); the CLI shows its INFO messages."""
+    lg = logging.getLogger("ns_plugin")
+    if not any(isinstance(h, _StderrHandler) for h in lg.handlers):
+        lg.addHandler(_StderrHandler())
+    lg.setLevel(logging.INFO)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
+    _show_library_messages()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    return guarded(lambda: args._run(args))
+
+
+def guarded(run: Callable[[], Optional[int]], prog: str = "ns-plugin", *, interrupted: str = "interrupted") -> int:
+    """``run()``'s exit code; an :class:`NSPluginError` becomes one line ``PROG: error: ...`` and exit 2, Ctrl-C
+    one line and exit 130 (used by ``ns-plugin`` and the benchmark scripts)."""
     try:
-        return int(args._run(args) or 0)
+        return int(run() or 0)
     except NSPluginError as e:
-        print(f"ns-plugin: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ns-plugin: interrupted", file=sys.stderr)
+        print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
 
 

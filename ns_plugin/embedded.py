@@ -11,19 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Splits, load_digits
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
-    """Top-1 accuracy (in [0, 1]) of ``model`` on images ``x`` in [0, 1], in eval mode."""
-    was = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    correct = 0
-    for i in range(0, len(x), batch_size):
-        correct += (model(x[i:i + batch_size].to(dev)).argmax(1).cpu() == y[i:i + batch_size]).sum().item()
-    model.train(was)
-    return correct / max(len(x), 1)
+from .models import accuracy
 
 
 def train_default_model(splits: Optional[Splits] = None, *, epochs: int = 30, seed: int = 0,
@@ -77,14 +65,13 @@ def default_model(*, seed: int = 0, epochs: int = 30, progress: bool = True, cac
                   ) -> Tuple[nn.Module, Dict[str, float]]:
     """The trained embedded default, from the cache when a checkpoint for ``(seed, epochs)`` exists,
     else trained now (and cached, atomically)."""
-    from .checkpoint import read_checkpoint, load_into, save_checkpoint
-    from .models import build_default_model
+    from .checkpoint import read_checkpoint, save_checkpoint
+    from .models import create_model
 
     path = cache_dir() / f"vit_digits_s{seed}_e{epochs}.pth"
     if cache and path.is_file():
-        ckpt = read_checkpoint(path)
-        model = load_into(build_default_model(), ckpt["state_dict"], source=str(path)).eval()
-        return model, dict(ckpt["meta"].get("metrics", {}))
+        model = create_model("ns_vit_digits", checkpoint=path).eval()
+        return model, dict(read_checkpoint(path)["meta"].get("metrics", {}))
     model, metrics = train_default_model(seed=seed, epochs=epochs, progress=progress)
     if cache:
         save_checkpoint(path, model, meta={"arch": "ns_vit_digits", "seed": seed, "epochs": epochs,

@@ -1,12 +1,28 @@
-"""Shared fixtures: the real embedded data and one trained tiny ViT per test session."""
+"""Shared fixtures: the real embedded data and one trained tiny ViT per test session.
+
+The whole session (and every subprocess it starts) uses a temporary ``NS_PLUGIN_CACHE``: no test reads or
+writes the user's cache. Tests whose code asks for the default model (``model: default``, the CLI without
+``--checkpoint``) use the ``default_model_cache`` fixture: the session's trained model is put there as the
+cached embedded default, so nothing trains it again.
+"""
 import os
+import shutil
+import tempfile
 import warnings
 
 import pytest
 import torch
 
 warnings.filterwarnings("ignore", category=FutureWarning)
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# NS_PLUGIN_TEST_THREADS=1 on a machine shared with other jobs: two OpenMP threads per process were ~50x slower
+torch.set_num_threads(int(os.environ.get("NS_PLUGIN_TEST_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
+
+_CACHE = tempfile.mkdtemp(prefix="ns_plugin_test_cache_")
+os.environ["NS_PLUGIN_CACHE"] = _CACHE
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +47,18 @@ def trained(digits):
     from ns_plugin.embedded import train_default_model
     model, metrics = train_default_model(digits, progress=False)
     return model, metrics
+
+
+@pytest.fixture(scope="session")
+def default_model_cache(trained):
+    """The session's trained model as the cached embedded default in the temporary cache (what
+    ``ns_plugin.embedded.default_model()`` would train and cache: same data, seed and schedule)."""
+    from ns_plugin.checkpoint import save_checkpoint
+    from ns_plugin.embedded import cache_dir
+    model, metrics = trained
+    path = cache_dir() / "vit_digits_s0_e30.pth"
+    save_checkpoint(path, model, meta={"arch": "ns_vit_digits", "seed": 0, "epochs": 30, "metrics": metrics})
+    return path
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
-"""Proposition 1 checks (seed 001 §3.2, appendix B) and the Jacobian analysis (seed 004) on real timm layers
+"""Proposition 1 checks (arXiv:2403.10476 §3.2, appendix B) and the Jacobian analysis (arXiv:2401.15568) on real timm layers
 and the trained embedded ViT."""
-import math
 
 import pytest
 import torch
@@ -84,7 +83,7 @@ def test_proposition1_bad_inputs():
         p1.construct_w(p1.remark1_attention(32, 2, seed=0), 3, method="magic")
 
 
-# ---------------------------------------------------------------- Jacobian (seed 004)
+# ---------------------------------------------------------------- Jacobian (arXiv:2401.15568)
 @pytest.fixture(scope="module")
 def rep_and_x(trained, digits):
     f = jm.representation(trained[0], "pre_logits")
@@ -132,7 +131,7 @@ def test_null_and_normal_spaces_and_lipschitz(rep_and_x):
     # Eq. 7 along the right singular vectors recovers the singular values (linear model of Eq. 5)
     for est, sv in zip(prof["L_singular"], s[:4]):
         assert abs(est - sv) < 0.1 * sv
-    # null << random << top singular direction (seed 004 Figs 3-4)
+    # null << random << top singular direction (arXiv:2401.15568 Figs 3-4)
     assert max(prof["L_null"]) < 1e-2 * min(prof["L_random"])
     assert max(prof["L_random"]) < prof["L_singular"][0]
 

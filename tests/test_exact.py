@@ -1,4 +1,4 @@
-"""Exact patch-embedding nullspace (seed 001 §3.1, Table 1)."""
+"""Exact patch-embedding nullspace (arXiv:2403.10476 §3.1, Table 1)."""
 import subprocess
 import sys
 

@@ -1,4 +1,4 @@
-"""Nullspace fingerprint of the patch embedding (seed 000 §9, "model patenting")."""
+"""Nullspace fingerprint of the patch embedding (OpenReview:d8VrVfNARSy §9, "model patenting")."""
 import json
 
 import pytest

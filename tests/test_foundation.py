@@ -10,7 +10,7 @@ from ns_plugin.errors import NSPluginError
 
 
 def test_ecosystem_imports_in_one_process():
-    from ns_plugin import compat
+    from ns_plugin.integrations import robustbench as compat
     compat.ensure_ecosystem()
     import easyrobust.benchmarks
     from easyrobust.attacks import pgd_generator
@@ -28,8 +28,7 @@ def test_ecosystem_imports_in_one_process():
 
 
 def test_autoattack_shim_only_when_needed():
-    from ns_plugin import compat
-    import importlib.util
+    from ns_plugin.integrations import robustbench as compat
     compat.ensure_autoattack()
     import autoattack
     # here the real fra31 package is absent, so the adapter must be the one in use
@@ -39,7 +38,7 @@ def test_autoattack_shim_only_when_needed():
 
 
 def test_robustbench_benchmark_runs_real_autoattack_offline(trained, digits, tmp_path):
-    from ns_plugin import compat
+    from ns_plugin.integrations import robustbench as compat
     from torchvision import transforms
     rb = compat.import_robustbench()
     model, _ = trained
@@ -52,7 +51,7 @@ def test_robustbench_benchmark_runs_real_autoattack_offline(trained, digits, tmp
                                  eps=4 / 255, preprocessing=transforms.ToTensor())
     # the images robustbench read are ours: its clean accuracy equals ours on the same images (PNG stores
     # 8-bit pixels, so allow one image of difference)
-    from ns_plugin.embedded import accuracy
+    from ns_plugin.models import accuracy
     ours = accuracy(model, x[label_map.used], y[label_map.used])
     assert abs(clean - ours) <= 1 / n + 1e-9
     assert 0.0 <= robust <= clean

@@ -5,12 +5,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 
 from ns_plugin.errors import NSPluginError
+
+pytestmark = pytest.mark.usefixtures("default_model_cache")
 
 TINY = {
     "name": "tiny",
@@ -25,7 +26,7 @@ TINY = {
 
 
 def test_config_errors_are_one_line():
-    from ns_plugin.evaluation.harness import load_comparison_config, validate_config
+    from ns_plugin.evaluation.harness import load_comparison_config
     with pytest.raises(NSPluginError, match="unknown key 'rnus'.*did you mean 'runs'"):
         load_comparison_config(None, rnus=[])
     with pytest.raises(NSPluginError, match="unknown trainer 'nss'"):
@@ -47,10 +48,27 @@ def test_yaml_configs_in_benchmarks_are_valid():
         assert load_comparison_config(f)["runs"]
 
 
-def _run(cfg_path, out, **kw):
+#: ``ns-plugin`` with a deterministic Ctrl-C: the process sends itself SIGINT right after the first model's
+#: evaluation is written (instead of polling the folder from outside and racing the run).
+CTRL_C_AFTER_FIRST_EVAL = """
+import os, signal, sys
+from ns_plugin.evaluation import harness
+_evaluate = harness.Comparison.evaluate
+def evaluate(self, *a, **k):
+    out = _evaluate(self, *a, **k)
+    os.kill(os.getpid(), signal.SIGINT)
+    return out
+harness.Comparison.evaluate = evaluate
+from ns_plugin.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run(cfg_path, out, *, ctrl_c_after_first_eval=False, **kw):
+    cmd = ["-c", CTRL_C_AFTER_FIRST_EVAL] if ctrl_c_after_first_eval else ["-m", "ns_plugin"]
     # a child of a non-interactive shell may inherit SIGINT as ignored; restore the default so Ctrl-C works
-    return subprocess.Popen([sys.executable, "-m", "ns_plugin", "demo", "--config", str(cfg_path), "--out", str(out),
-                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen([sys.executable, *cmd, "demo", "--config", str(cfg_path), "--out", str(out), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
@@ -60,13 +78,9 @@ def test_tiny_comparison_interrupt_resume_and_outputs(tmp_path):
     out = tmp_path / "res"
     env = dict(os.environ)
     # interrupt (Ctrl-C) once the first model's evaluation is on disk
-    p = _run(cfg_path, out, env=env)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (out / "evals" / "vit.json").is_file():
-        time.sleep(0.2)
-    assert (out / "evals" / "vit.json").is_file(), p.communicate()[1][-2000:]
-    p.send_signal(signal.SIGINT)
-    stdout, stderr = p.communicate(timeout=120)
+    p = _run(cfg_path, out, ctrl_c_after_first_eval=True, env=env)
+    stdout, stderr = p.communicate(timeout=600)
+    assert (out / "evals" / "vit.json").is_file(), stderr[-2000:]
     assert p.returncode == 130, stderr[-2000:]
     assert json.loads((out / "run.json").read_text())["status"] == "partial"
     if (out / "tables.md").is_file():

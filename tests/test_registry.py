@@ -40,7 +40,8 @@ def accuracy(model, x, y):
 
 
 def test_plain_import_has_no_side_effects():
-    code = ("import ns_plugin, ns_plugin.registry, ns_plugin.attacks, torchattacks, timm; "
+    code = ("import ns_plugin, ns_plugin.integrations, ns_plugin.integrations.timm, ns_plugin.integrations.torchattacks, "
+            "ns_plugin.integrations.robustbench, ns_plugin.integrations.easyrobust, ns_plugin.attacks, torchattacks, timm; "
             "assert not hasattr(torchattacks, 'PatchFool'); assert 'PatchFool' not in torchattacks.__all__; "
             "assert not timm.is_model('ns_vit_digits'); print('clean')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
@@ -52,7 +53,7 @@ def test_register_is_idempotent_and_fills_torchattacks(registered):
     import ns_plugin
     import timm
     import torchattacks
-    from ns_plugin.registry import attacks
+    from ns_plugin._registry import attacks
     names = ["PatchFool", "NullspaceNoise", "TargetedNullspace", "EmbeddingMatch"]
     before = list(torchattacks.__all__)
     again = ns_plugin.register()
@@ -117,7 +118,7 @@ def test_set_normalization_used_multiattack_and_save_load(registered, model, sma
 
 def test_name_clashes_are_errors(registered):
     from ns_plugin.attacks import NullspaceNoise
-    from ns_plugin.registry import register_attack
+    from ns_plugin.integrations.torchattacks import register_attack
     with pytest.raises(NSPluginError, match="torchattacks already has 'FGSM'"):
         register_attack("FGSM", NullspaceNoise)
     with pytest.raises(NSPluginError, match="Attack subclass"):
@@ -143,11 +144,20 @@ def test_ns_vit_digits_is_a_timm_model_with_weights(registered, trained, monkeyp
     assert fresh.head.out_features == 3
 
 
+def test_ns_vit_digits_never_trains_on_a_registry_call(registered, monkeypatch, tmp_path):
+    """An empty cache gives one line naming the command that makes the weights; nothing is trained or written."""
+    import timm
+    monkeypatch.setenv("NS_PLUGIN_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(NSPluginError, match=r"no trained weights for ns_vit_digits .*ns-plugin evaluate") as e:
+        timm.create_model("ns_vit_digits", pretrained=True)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "empty").exists()
+
+
 def test_register_checkpoint_timm_easyrobust_and_robustbench(registered, trained, checkpoint, tmp_path, small_batch):
     import timm
-    import ns_plugin
     from ns_plugin.models import Normalize
-    from ns_plugin.registry import register_checkpoint, registered_timm_models
+    from ns_plugin.integrations.timm import register_checkpoint, registered_timm_models
     x, y = small_batch
     names = register_checkpoint("ns_test_ft", checkpoint)
     assert names[0] == "ns_test_ft" and "ns_test_ft_imagenet_linf" in names
@@ -168,7 +178,7 @@ def test_register_checkpoint_timm_easyrobust_and_robustbench(registered, trained
     assert torch.allclose(er.eval()(x), ref, atol=1e-5)
 
     # robustbench 1.1.1 load_model finds {name}_{dataset}_{threat} in timm, offline
-    from ns_plugin import compat
+    from ns_plugin.integrations import robustbench as compat
     compat.ensure_ecosystem()
     from robustbench.utils import load_model
     rb = load_model("ns_test_ft", model_dir=tmp_path, dataset="imagenet", threat_model="Linf",
@@ -182,7 +192,7 @@ def test_register_checkpoint_timm_easyrobust_and_robustbench(registered, trained
 
 def test_register_checkpoint_errors(registered, trained, checkpoint, tmp_path):
     from ns_plugin.checkpoint import save_checkpoint
-    from ns_plugin.registry import register_checkpoint
+    from ns_plugin.integrations.timm import register_checkpoint
     with pytest.raises(NSPluginError, match="timm already has a model named 'vit_base_patch16_224'"):
         register_checkpoint("vit_base_patch16_224", checkpoint, robustbench=())
     other = tmp_path / "other.pth"

@@ -1,7 +1,7 @@
 import pytest
 
 from ns_plugin.errors import NSPluginError
-from ns_plugin.registry import Registry
+from ns_plugin._registry import Registry
 
 
 def test_registry_decorator_lookup_and_did_you_mean():

@@ -1,4 +1,4 @@
-"""Saliency maps on real timm ViTs and the targeted-nullspace triplet report (seed 000 §7, A.3-A.4)."""
+"""Saliency maps on real timm ViTs and the targeted-nullspace triplet report (OpenReview:d8VrVfNARSy §7, A.3-A.4)."""
 import os
 
 import pytest
@@ -121,7 +121,7 @@ def test_targeted_fits_channels_and_custom_transform(model, pairs):
     assert scale.min() >= 0 and scale.max() <= 1
     red = T.nullspace_transform(model, mode="channels", channels=(0,))
     out = red(src, tgt)
-    assert torch.equal(out[:, 1:], tgt[:, 1:])           # green and blue are the target's (seed 000 A.3)
+    assert torch.equal(out[:, 1:], tgt[:, 1:])           # green and blue are the target's (OpenReview:d8VrVfNARSy A.3)
     assert red.nullspace.embedding_residual(out.double() - src.double()) < 1e-6 * float(out.abs().max())
     same = T.targeted_triplets(model, src, tgt, transform=lambda s, t: t.clone(), methods=("gradcam",)).summary
     assert same["match_target"] == 1.0 and same["saliency"]["gradcam"]["vs_target"]["pearson"] > 0.999

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from ns_plugin.errors import NSPluginError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "default_model_cache")
 METHODS = ["standard", "ns", "random", "madry", "trades", "dat", "dat_ns"]
 # tiny but real: 2 rounds x 2 steps on 48 training images, 16-image noise search
 SMALL = dict(rounds=2, steps_per_round=2, batch_size=8, train_limit=48, search_batch_size=16, lr=1e-4,
@@ -47,7 +46,7 @@ def _small_set(digits, n=48):
 
 
 def test_registry_lists_every_method_and_unknown_names_fail():
-    from ns_plugin.registry import trainers
+    from ns_plugin.training import trainers
     import ns_plugin.training  # noqa: F401  (registers)
     assert set(METHODS) <= set(trainers.names())
     with pytest.raises(NSPluginError, match=r"unknown trainer 'nss'.*did you mean 'ns'.*known: .*dat_ns.*trades"):
@@ -68,7 +67,7 @@ def test_method_trains_through_the_shared_loop(method, model, digits):
         for r in log:  # the noise entered the eps region every round, and it is a large noise
             assert r["reached"] and r["mse_prob"] < 0.03 and r["noise_norm"] > 1.0
         assert "ce_noise" in log[-1]
-    if method == "random":  # 001 Table 4: random direction, same norm as the learnt noise
+    if method == "random":  # arXiv:2403.10476 Table 4: random direction, same norm as the learnt noise
         for r in log:
             assert r["noise_norm"] == pytest.approx(r["learnt_noise_norm"], rel=1e-4)
             assert r["learnt_mse_prob"] < 0.03
@@ -180,24 +179,28 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, digits):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
                OMP_NUM_THREADS=str(torch.get_num_threads()))
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "ns_plugin", "train", "--config", str(cfg)]
-    proc = subprocess.Popen(cmd + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        last = killed / "last.pth"
-        if last.is_file():
-            try:
-                if read_checkpoint(last)["meta"]["round"] >= 1:
-                    break
-            except NSPluginError:
-                pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # the run kills itself (SIGKILL) at a fixed point: right after round 2's checkpoint is written and the
+    # first model step of round 3 is taken (a hook, not a race against a polling test)
+    kill_mid_round = (
+        "import os, signal, sys\n"
+        "from ns_plugin.training import loop\n"
+        "_step = loop.Trainer.step\n"
+        "def step(self, x, y):\n"
+        "    out = _step(self, x, y)\n"
+        "    if self.round == 2 and self.stream.batches == 2 * 3 + 1:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return out\n"
+        "loop.Trainer.step = step\n"
+        "from ns_plugin.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", kill_mid_round, "train", "--config", str(cfg), "--out", str(killed)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc.wait(timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-500:]
-    assert 1 <= read_checkpoint(killed / "last.pth")["meta"]["round"] < 4
+    assert read_checkpoint(killed / "last.pth")["meta"]["round"] == 2
     assert not (killed / "model.pth").exists()
     assert not [p for p in killed.iterdir() if p.name.endswith(".tmp")]
+    cmd = [sys.executable, "-m", "ns_plugin", "train", "--config", str(cfg)]
     r = subprocess.run(cmd + ["--out", str(killed), "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-800:]
     full = tmp_path / "full"   # the uninterrupted run, in this process
@@ -215,7 +218,7 @@ def test_train_one_epoch_entry_for_easyrobust_scripts(model, digits):
     """EasyRobust's/timm's train_one_epoch signature, with timm's NativeScaler-free path and ModelEmaV2."""
     import argparse
     from timm.utils import ModelEmaV2
-    from ns_plugin.training import train_one_epoch
+    from ns_plugin.integrations.easyrobust import train_one_epoch
     x, y = _small_set(digits, 32).tensors
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     args = argparse.Namespace(ns_method="ns", steps_per_round=2, search_batch_size=8, clip_grad=1.0)

@@ -15,7 +15,7 @@ from ns_plugin.errors import NSPluginError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "default_model_cache")
 CFG = dict(method="ns", rounds=2, steps_per_round=2, batch_size=8, train_limit=48, search_batch_size=16,
            lr=1e-3, progress=False, plot=False)
 

@@ -1,4 +1,4 @@
-"""Watermarking with the exact patch-embedding nullspace (seed 000 §6, Eq. 7, A.2)."""
+"""Watermarking with the exact patch-embedding nullspace (OpenReview:d8VrVfNARSy §6, Eq. 7, A.2)."""
 import json
 
 import pytest

@@ -38,7 +38,7 @@ pip_ install tqdm opt_einsum einops ftfy regex PyWavelets
 #     fra31 AutoAttack and adds the "state" module robustbench imports.
 pip_ install --no-deps --no-build-isolation --force-reinstall ./tools/autoattack_easyrobust
 # 5. the rest, then the package itself (its own install_requires are all satisfied by now).
-pip_ install numpy scipy matplotlib scikit-learn pyyaml pytest imagecorruptions==1.1.2
+pip_ install numpy scipy matplotlib scikit-learn pyyaml pytest ruff imagecorruptions==1.1.2
 pip_ install --no-deps -e .
 # fail loudly here rather than in the first test if the layering did not work: a fresh interpreter that
 # never imports ns_plugin must import robustbench (and its AutoAttack), easyrobust and torchattacks

@@ -1,4 +1,4 @@
-"""Local structure of a ViT representation (seed 004 "Intriguing Equivalence Structures of the Embedding
+"""Local structure of a ViT representation (arXiv:2401.15568 "Intriguing Equivalence Structures of the Embedding
 Space of Vision Transformers", §"Proposed Framework" and "Experiments").
 
 * :func:`representation` turns a classifier (``Sequential(Normalize, timm ViT)``) into ``f: images -> R^n``
@@ -19,9 +19,8 @@ Space of Vision Transformers", §"Proposed Framework" and "Experiments").
 """
 from __future__ import annotations
 
-import copy
 import math
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,48 +32,16 @@ __all__ = ["representation", "jacobian_nbytes", "jacobian", "local_spaces", "dir
            "lipschitz_profile", "embedding_matching", "interpolation_curve"]
 
 Rep = Callable[[torch.Tensor], torch.Tensor]
-KINDS = ("cls", "pre_logits", "logits")
+KINDS = ("cls", "features", "pre_logits", "logits")  # ns_plugin.anatomy.REPRESENTATIONS
 
 
 def representation(model: nn.Module, kind: str = "pre_logits", *, dtype: Optional[torch.dtype] = torch.float64
                    ) -> Rep:
-    """``f(x) -> (N, n)`` for images ``x`` in [0, 1] of shape ``(N, C, H, W)``.
-
-    Args:
-        model: a classifier; ``Sequential(Normalize, timm ViT)`` (or a bare timm ViT) for ``cls`` and
-            ``pre_logits``, any image classifier for ``logits``.
-        kind: ``"cls"`` (token 0 of ``forward_features``, after the final norm), ``"pre_logits"``
-            (``forward_head(..., pre_logits=True)``: what the classifier reads; seed 004 uses the
-            ImageBind/CLIP embedding, the analogue here) or ``"logits"``.
-        dtype: run a copy of the model in this dtype (default float64, so that tiny differences along null
-            directions are not float32 rounding); ``None`` uses the model as is.
-    """
-    from ..models import unwrap
-
-    if kind not in KINDS:
-        raise NSPluginError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    m = copy.deepcopy(model).to(dtype) if dtype is not None else model
-    m.eval()
-    norm, core = unwrap(m)
-    if kind != "logits" and not (hasattr(core, "forward_features") and hasattr(core, "forward_head")):
-        raise NSPluginError(f"{type(core).__name__} has no forward_features/forward_head (timm models do); "
-                            f"use kind='logits' or pass your own function")
-    dt = dtype
-
-    def f(x: torch.Tensor) -> torch.Tensor:
-        if dt is not None:
-            x = x.to(dt)
-        if kind == "logits":
-            return m(x)
-        z = norm(x) if norm is not None else x
-        feats = core.forward_features(z)
-        if kind == "cls":
-            return feats[:, 0] if feats.dim() == 3 else feats.flatten(1)
-        return core.forward_head(feats, pre_logits=True).flatten(1)
-
-    f.model = m  # type: ignore[attr-defined]
-    f.kind = kind  # type: ignore[attr-defined]
-    return f
+    """:func:`ns_plugin.anatomy.representation` run in float64 by default (so that tiny differences along
+    null directions are not float32 rounding). ``kind``: ``cls``, ``features``, ``pre_logits`` (the
+    classifier's input; the paper uses the ImageBind/CLIP embedding, the analogue here) or ``logits``."""
+    from ..anatomy import representation as _representation
+    return _representation(model, kind, dtype=dtype)
 
 
 def _as_image(x: torch.Tensor, what: str = "x") -> torch.Tensor:
@@ -92,7 +59,7 @@ def jacobian_nbytes(n_out: int, n_in: int, dtype: torch.dtype = torch.float64) -
 
 
 def jacobian(f: Rep, x: torch.Tensor, *, chunk_size: Optional[int] = 16, max_bytes: int = 1 << 30) -> torch.Tensor:
-    """Jacobian ``df/dx`` of a representation at one image (seed 004 Eq. 4-5), shape ``(n, C*H*W)``.
+    """Jacobian ``df/dx`` of a representation at one image (arXiv:2401.15568 Eq. 4-5), shape ``(n, C*H*W)``.
 
     Computed with ``torch.func.jacrev`` in chunks of ``chunk_size`` output dimensions (each chunk is one
     vmapped backward pass, so peak memory is about ``chunk_size`` times one backward pass plus the matrix
@@ -126,7 +93,7 @@ def jacobian(f: Rep, x: torch.Tensor, *, chunk_size: Optional[int] = 16, max_byt
 
 def local_spaces(J: torch.Tensor, *, rtol: Optional[float] = None, n_null: int = 0, n_weak: int = 0,
                  generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-    """Reduced SVD ``J = U S V^T`` and the local normal / null spaces (seed 004 Eq. 5).
+    """Reduced SVD ``J = U S V^T`` and the local normal / null spaces (arXiv:2401.15568 Eq. 5).
 
     Args:
         J: ``(n, m)`` Jacobian with ``m > n`` typically.
@@ -158,7 +125,7 @@ def local_spaces(J: torch.Tensor, *, rtol: Optional[float] = None, n_null: int =
 @torch.no_grad()
 def directional_lipschitz(f: Rep, x: torch.Tensor, directions: torch.Tensor, *, eps: float = 1e-2,
                           n_points: int = 5, batch_size: int = 64) -> torch.Tensor:
-    """Local directional Lipschitz constants (seed 004 Eq. 7), one per direction.
+    """Local directional Lipschitz constants (arXiv:2401.15568 Eq. 7), one per direction.
 
     ``L(u) = max_{alpha != beta} ||f(x + beta u) - f(x + alpha u)|| / |beta - alpha|`` over the grid
     ``alpha, beta in linspace(-eps, eps, n_points)``; ``u`` is normalised to unit length first.
@@ -192,7 +159,7 @@ def lipschitz_profile(f: Rep, x: torch.Tensor, *, J: Optional[torch.Tensor] = No
                       n_random: int = 16, n_null: int = 16, eps: float = 1e-2, n_points: int = 5,
                       seed: int = 0, chunk_size: Optional[int] = 16, max_bytes: int = 1 << 30) -> Dict:
     """Singular values of the Jacobian and Eq. 7 estimates along the top ``n_top`` right singular vectors,
-    ``n_random`` Gaussian directions and ``n_null`` random null-space directions (seed 004 Figs 3-4).
+    ``n_random`` Gaussian directions and ``n_null`` random null-space directions (arXiv:2401.15568 Figs 3-4).
 
     Returns a dict of lists: ``singular_values``, ``rank``, ``null_dim``, ``L_singular`` (aligned with the
     first ``n_top`` singular values, which they should match when the linear model of Eq. 5 holds),
@@ -217,14 +184,14 @@ def embedding_matching(f: Rep, x0: torch.Tensor, x_target: Union[torch.Tensor, N
                        target_embedding: Optional[torch.Tensor] = None, steps: int = 500, lr: float = 0.01,
                        optimizer: str = "sgd", clamp: bool = True, classifier: Optional[nn.Module] = None,
                        record_every: int = 1, progress: bool = False) -> Dict:
-    """Embedding matching procedure (seed 004 Eq. 3-4): gradient descent on
+    """Embedding matching procedure (arXiv:2401.15568 Eq. 3-4): gradient descent on
     ``L(x) = 1/2 ||f(x) - f(x_tg)||^2`` starting from ``x0``.
 
     Args:
         f: representation (see :func:`representation`).
         x0: starting image ``(C, H, W)`` / ``(1, C, H, W)`` in [0, 1].
         x_target: image whose embedding is matched (or give ``target_embedding`` directly).
-        steps, lr: number of steps and learning rate (seed 004 reports 1e-3 ... 9e-2 all converge).
+        steps, lr: number of steps and learning rate (arXiv:2401.15568 reports 1e-3 ... 9e-2 all converge).
         optimizer: ``"sgd"`` (plain gradient descent, as in the paper) or ``"adam"``.
         clamp: keep the image in [0, 1] after each step.
         classifier: optional model whose predicted class is recorded per step (with ``x`` in [0, 1]).
@@ -235,6 +202,7 @@ def embedding_matching(f: Rep, x0: torch.Tensor, x_target: Union[torch.Tensor, N
     classifier)}``; Fig. 5 plots loss and cosine against step.
     """
     from tqdm.auto import tqdm
+    from ..anatomy import match_embedding
 
     x0 = _as_image(x0, "x0")
     if (x_target is None) == (target_embedding is None):
@@ -247,19 +215,18 @@ def embedding_matching(f: Rep, x0: torch.Tensor, x_target: Union[torch.Tensor, N
     if tgt.shape != start.shape:
         raise NSPluginError(f"target embedding has shape {tuple(tgt.shape)}, f(x0) has {tuple(start.shape)}")
     tgt, start = tgt.detach(), start.detach()
-    x = x0.detach().clone().to(start.dtype).requires_grad_(True)
-    if optimizer == "sgd":
-        opt = torch.optim.SGD([x], lr=lr)
-    elif optimizer == "adam":
-        opt = torch.optim.Adam([x], lr=lr)
-    else:
+    if optimizer not in ("sgd", "adam"):
         raise NSPluginError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     hist = {k: [] for k in ("step", "loss", "cosine", "cosine_start", "pixel_mean_abs", "pixel_linf", "pred")}
+    bar = tqdm(total=steps, desc="embedding matching", disable=not progress, leave=False)
 
-    def record(step: int, emb: torch.Tensor, loss: float) -> None:
-        d = (x.detach() - x0.to(x.dtype))
+    def record(step: int, x: torch.Tensor, emb: torch.Tensor, loss: torch.Tensor) -> bool:
+        bar.update(1 if step else 0)
+        if step % record_every and step != steps:
+            return False
+        d = (x - x0.to(x.dtype))
         hist["step"].append(step)
-        hist["loss"].append(loss)
+        hist["loss"].append(float(loss.sum()))
         hist["cosine"].append(_cos(emb, tgt))
         hist["cosine_start"].append(_cos(emb, start))
         hist["pixel_mean_abs"].append(float(d.abs().mean()))
@@ -267,30 +234,23 @@ def embedding_matching(f: Rep, x0: torch.Tensor, x_target: Union[torch.Tensor, N
         if classifier is not None:
             with torch.no_grad():
                 p = next(classifier.parameters())
-                hist["pred"].append(int(classifier(x.detach().to(p.dtype)).argmax(1)))
+                hist["pred"].append(int(classifier(x.to(p.dtype)).argmax(1)))
+        return False
 
-    for step in tqdm(range(steps + 1), desc="embedding matching", disable=not progress, leave=False):
-        emb = f(x)
-        loss = 0.5 * (emb - tgt).pow(2).sum()
-        if step % record_every == 0 or step == steps:
-            record(step, emb.detach(), float(loss.detach()))
-        if step == steps:
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if clamp:
-            with torch.no_grad():
-                x.clamp_(0, 1)
+    try:
+        x, _ = match_embedding(f, x0.detach().to(start.dtype), tgt, steps=steps, lr=lr, optimizer=optimizer,
+                               clamp=clamp, callback=record)
+    finally:
+        bar.close()
     if classifier is None:
         del hist["pred"]
-    hist["x"] = x.detach()
+    hist["x"] = x
     return hist
 
 
 @torch.no_grad()
 def interpolation_curve(f: Rep, a: torch.Tensor, b: torch.Tensor, *, n: int = 21) -> Dict[str, list]:
-    """Embeddings along the straight path ``x(t) = (1 - t) a + t b`` (seed 004 Fig. 6): cosine similarity of
+    """Embeddings along the straight path ``x(t) = (1 - t) a + t b`` (arXiv:2401.15568 Fig. 6): cosine similarity of
     ``f(x(t))`` with ``f(a)`` and with ``f(b)`` for ``t`` in ``linspace(0, 1, n)``."""
     a, b = _as_image(a, "a"), _as_image(b, "b")
     if a.shape != b.shape:

@@ -1,4 +1,4 @@
-"""Proposition 1 of seed 001 (§3.2, proof in appendix B): sufficient conditions for an attention layer to
+"""Proposition 1 of arXiv:2403.10476 (§3.2, proof in appendix B): sufficient conditions for an attention layer to
 have an *encoder-level nullspace*, checked numerically on real timm attention layers.
 
 For a self-attention layer with ``h`` heads and projections ``Q_i, K_i, V_i`` (each ``d x d_k``, so that
@@ -160,7 +160,7 @@ def admissible_directions(hm: HeadMatrices, *, tol: float = 1e-8) -> Dict[str, t
 
 
 def check_conditions(hm_or_attn, *, tol: float = 1e-6, rank_tol: Optional[float] = None) -> Dict:
-    """Check the three conditions of Proposition 1 (seed 001 §3.2) numerically for one attention layer.
+    """Check the three conditions of Proposition 1 (arXiv:2403.10476 §3.2) numerically for one attention layer.
 
     Args:
         hm_or_attn: a timm attention module or :class:`HeadMatrices`.
@@ -300,7 +300,7 @@ def verify_heads(hm_or_attn, w: torch.Tensor, *, n_random: int = 4, n_tokens: Op
 
 def remark1_attention(dim: int = 64, num_heads: int = 4, *, shared: Sequence[int] = (0, 1),
                       qkv_bias: bool = True, seed: int = 0) -> nn.Module:
-    """A timm ``Attention`` whose weights satisfy all three conditions (seed 001 Remark 1).
+    """A timm ``Attention`` whose weights satisfy all three conditions (arXiv:2403.10476 Remark 1).
 
     For each head ``i``: ``A_i = P_i D_i P_i^T`` (random orthogonal ``P_i``, diagonal ``D_i``) is symmetric,
     ``Q_i = B_i P_i`` and ``K_i = B_i P_i^{-T} D_i`` give ``Q_i K_i^T = B_i A_i B_i^T`` (condition 1);

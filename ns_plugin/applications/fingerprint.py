@@ -1,6 +1,6 @@
-"""Model fingerprinting ("patenting") by the patch-embedding nullspace (seed 000 §9).
+"""Model fingerprinting ("patenting") by the patch-embedding nullspace (OpenReview:d8VrVfNARSy §9).
 
-Seed 000 §9 suggests that the nullspace "will be a unique property of any set of weights" and can serve to
+OpenReview:d8VrVfNARSy §9 suggests that the nullspace "will be a unique property of any set of weights" and can serve to
 "patent" a trained ViT without any extra step during training. We make that concrete:
 
 * **Fingerprint**: the orthonormal basis ``N`` (``m x n``, ``n = c·rh·rw``) of the nullspace of the patch
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import NSPluginError
+from ..nullspace.exact import PatchNullspace
 
 #: Default decision threshold on the chance-corrected score. Measured with :func:`evaluate_fingerprint` on the
 #: tiny ViT (``ns-plugin fingerprint --evaluate``): derived models scored 0.82 (patch embedding 50 % pruned) to
@@ -44,50 +45,22 @@ from ..errors import NSPluginError
 DEFAULT_THRESHOLD = 0.5
 
 
-@dataclass
-class Fingerprint:
-    """The nullspace fingerprint of a model: ``basis`` (``nullity x input_dim``, orthonormal rows, float64, pixel
-    space) and the patch geometry it belongs to."""
-    basis: torch.Tensor
-    patch_size: tuple
-    in_chans: int
-    embed_dim: int
-    layer: str = "patch_embed.proj"
-
-    @property
-    def nullity(self) -> int:
-        return int(self.basis.shape[0])
-
-    @property
-    def input_dim(self) -> int:
-        return int(self.basis.shape[1])
-
-    def to_dict(self) -> Dict[str, object]:
-        """Plain tensors/ints (``torch.save`` with ``weights_only`` loading works)."""
-        return {"basis": self.basis.clone(), "patch_size": list(self.patch_size), "in_chans": self.in_chans,
-                "embed_dim": self.embed_dim, "layer": self.layer}
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, object]) -> "Fingerprint":
-        try:
-            return cls(basis=torch.as_tensor(d["basis"], dtype=torch.float64), patch_size=tuple(d["patch_size"]),
-                       in_chans=int(d["in_chans"]), embed_dim=int(d["embed_dim"]), layer=str(d.get("layer", "")))
-        except (KeyError, TypeError, ValueError) as e:
-            raise NSPluginError(f"not a nullspace fingerprint ({e}); make one with fingerprint(model)") from None
+#: A nullspace fingerprint is the patch-embedding nullspace itself (:class:`ns_plugin.nullspace.exact.PatchNullspace`:
+#: ``basis``, patch geometry, ``to_dict``/``from_dict`` for saving).
+Fingerprint = PatchNullspace
 
 
 def fingerprint(model: nn.Module, *, tol: Optional[float] = None) -> Fingerprint:
-    """The nullspace fingerprint of ``model`` (seed 000 §9). Raises :class:`NSPluginError` when the model has no
+    """The nullspace fingerprint of ``model`` (OpenReview:d8VrVfNARSy §9). Raises :class:`NSPluginError` when the model has no
     non-overlapping patch projection or its patch embedding is full rank (nullity 0: nothing to compare)."""
     from ..nullspace.exact import exact_nullspace
-    if isinstance(model, Fingerprint):
+    if isinstance(model, PatchNullspace):
         return model
     ns = exact_nullspace(model, tol=tol)
     if ns.nullity == 0:
         raise NSPluginError(f"the patch embedding is full rank (embedding dim {ns.embed_dim} >= patch dim "
                             f"{ns.input_dim}): it has no nullspace, so there is no nullspace fingerprint")
-    return Fingerprint(basis=ns.basis.clone(), patch_size=tuple(ns.patch_size), in_chans=ns.in_chans,
-                       embed_dim=ns.embed_dim, layer=ns.layer)
+    return ns
 
 
 def _one_thread():
@@ -271,7 +244,7 @@ def evaluate_fingerprint(reference: Optional[nn.Module] = None, *, threshold: fl
     for a in (0.1, 0.3, 0.5):
         specs.append((f"patch_embed pruned {int(a * 100)}%", True, lambda a=a: prune(reference, a)))
     specs.append(("globally pruned 50%", True, lambda: prune(reference, 0.5, scope="global")))
-    specs.append((f"fine-tuned + patch_embed pruned 30%", True,
+    specs.append(("fine-tuned + patch_embed pruned 30%", True,
                   lambda: prune(finetune(reference, x, y, steps=finetune_steps, lr=5e-4, seed=13), 0.3)))
     for s in range(1, n_seeds + 1):
         specs.append((f"independently trained seed {s}", False,

@@ -1,4 +1,4 @@
-"""Saliency maps for timm vision transformers, without editing timm (seed 000 §7 Fig. 5b and A.4 Fig. 7).
+"""Saliency maps for timm vision transformers, without editing timm (OpenReview:d8VrVfNARSy §7 Fig. 5b and A.4 Fig. 7).
 
 Three methods, each returning one map per image on the patch grid ``(N, gh, gw)``:
 
@@ -14,25 +14,26 @@ Three methods, each returning one map per image on the patch grid ``(N, gh, gw)`
   ``R <- R + mean_h((dy_c/dA ⊙ A)^+) R``; the map is the cls row over the patch tokens). This is the
   gradient x attention rule of Chefer, Gur & Wolf, "Generic Attention-model Explainability" (ICCV 2021),
   which is the LRP-free form of their CVPR 2021 "Transformer Interpretability Beyond Attention
-  Visualization" (there the attention maps are replaced by their LRP relevances). Seed 000 calls the
+  Visualization" (there the attention maps are replaced by their LRP relevances). OpenReview:d8VrVfNARSy calls the
   CVPR method "LRP" and shows it in Fig. 5b.
 
 Attention maps are captured with hooks: timm 1.x ``Attention`` computes attention with the fused
 ``scaled_dot_product_attention`` kernel by default, so :class:`AttentionRecorder` switches each layer's
 ``fused_attn`` off for the duration (the explicit path is numerically the same) and hooks the
-``attn_drop`` module, whose output is the softmaxed attention; the flags are restored on exit.
+``attn_drop`` module, whose input is the softmaxed attention; the flags are restored on exit.
 
 :func:`map_similarity` compares two maps (Pearson, Spearman, top-k IoU) and :func:`compare_to` gives, for
 each method, how similar one image's maps are to two references (e.g. transformed vs source / target).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, List, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..anatomy import AttentionRecorder
 from ..errors import NSPluginError
 
 __all__ = ["AttentionRecorder", "attention_maps", "attention_rollout", "grad_cam", "chefer_relevance",
@@ -65,61 +66,6 @@ def _layout(core, n_tokens: int):
     return prefix, (int(grid[0]), int(grid[1]))
 
 
-class AttentionRecorder:
-    """Context manager recording every block's attention ``(B, h, N, N)`` in forward order (and, with
-    ``grads=True``, keeping them in the graph for :meth:`gradients`).
-
-    Example::
-
-        with AttentionRecorder(model, grads=True) as rec:
-            logits = model(x.requires_grad_())
-            grads = rec.gradients(logits[:, c].sum())
-        rec.attn, rec.grad   # lists, one tensor per block
-    """
-
-    def __init__(self, model: nn.Module, *, grads: bool = False):
-        self.core = _vit(model)
-        self.grads = grads
-        self.attn: List[torch.Tensor] = []
-        self.grad: List[torch.Tensor] = []
-        self.live: List[torch.Tensor] = []
-        self._handles = []
-        self._flags = []
-
-    def __enter__(self) -> "AttentionRecorder":
-        for i, blk in enumerate(self.core.blocks):
-            a = blk.attn
-            self._flags.append((a, a.fused_attn))
-            a.fused_attn = False
-            self._handles.append(a.attn_drop.register_forward_hook(self._hook(i)))
-        return self
-
-    def _hook(self, i: int):
-        def fn(mod, inp, out):
-            self.attn.append(out.detach())
-            if self.grads:
-                self.live.append(out)
-        return fn
-
-    def gradients(self, score: torch.Tensor) -> List[torch.Tensor]:
-        """Gradients of the scalar ``score`` w.r.t. every recorded attention map (``grads=True``), computed
-        with ``torch.autograd.grad`` so nothing accumulates in the model's ``.grad``."""
-        if not self.grads:
-            raise NSPluginError("AttentionRecorder(grads=True) is needed for gradients")
-        if not all(t.requires_grad for t in self.live):
-            raise NSPluginError("the attention maps do not require grad; run the forward with grad enabled on "
-                                "an input that requires grad")
-        self.grad = [g.detach() for g in torch.autograd.grad(score, self.live)]
-        return self.grad
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        for a, flag in self._flags:
-            a.fused_attn = flag
-        self._handles, self._flags = [], []
-
-
 def _targets(logits: torch.Tensor, target) -> torch.Tensor:
     if target is None:
         return logits.argmax(1)
@@ -149,6 +95,7 @@ def _device(model: nn.Module) -> torch.device:
 def attention_maps(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
     """Attention probabilities of every block, ``[(B, h, N, N)]``, for images ``x`` (model in eval mode)."""
     x = _check_x(x).to(_device(model))
+    _vit(model)  # a clear error for models without timm attention blocks
     with AttentionRecorder(model) as rec:
         model(x)
     return rec.attn

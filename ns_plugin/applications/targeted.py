@@ -1,4 +1,4 @@
-"""Targeted nullspace noise: source / target / transformed triplets (seed 000 §7, A.3, Fig. 5 and A.4 Fig. 7).
+"""Targeted nullspace noise: source / target / transformed triplets (OpenReview:d8VrVfNARSy §7, A.3, Fig. 5 and A.4 Fig. 7).
 
 A *transformed* image is ``source + v`` with ``v`` in the patch-embedding nullspace, chosen to look like
 the *target*: the model sees exactly the source's patch embeddings (so the same prediction, confidence and
@@ -9,8 +9,8 @@ Two transforms are provided (both exact: ``W (transformed - source) = 0`` patch 
 * ``mode="project"`` (default): ``source + P_N(target - source)``, the orthogonal projection of the
   pixel difference onto the nullspace (:meth:`PatchNullspace.project`). It is the closest image to the
   target, in l2 per patch, among all images with the source's embedding — the unconstrained minimiser of
-  seed 000 Eq. 7 with ``p = 2``.
-* ``mode="channels"`` (seed 000 A.3): keep the target's values in every channel except ``channels``
+  OpenReview:d8VrVfNARSy Eq. 7 with ``p = 2``.
+* ``mode="channels"`` (OpenReview:d8VrVfNARSy A.3): keep the target's values in every channel except ``channels``
   (default red only, ``(0,)``, as in the paper) and solve those for the source's embedding,
   ``x_free = target_free + pinv(W_free) W (source - target)`` per patch (least squares, minimum change of
   the free channel). When ``W_free`` cannot reach the needed embedding change (e.g. ViT-B/16: 768
@@ -77,10 +77,10 @@ def nullspace_transform(model: nn.Module, *, mode: str = "project", channels: Se
 
     Args:
         model: a model with a non-overlapping linear patch embedding (see ``exact_nullspace``).
-        mode: ``"project"`` (nullspace projection of ``target - source``) or ``"channels"`` (seed 000 A.3:
+        mode: ``"project"`` (nullspace projection of ``target - source``) or ``"channels"`` (OpenReview:d8VrVfNARSy A.3:
             only ``channels`` are solved for, the others are the target's).
         channels: channel indices solved for in ``"channels"`` mode (default red only).
-        fit: ``"none"`` (unconstrained, as in seed 000 §7), ``"clip"`` or ``"scale"`` (see :func:`fit_to_box`).
+        fit: ``"none"`` (unconstrained, as in OpenReview:d8VrVfNARSy §7), ``"clip"`` or ``"scale"`` (see :func:`fit_to_box`).
         rcond: ``"channels"`` mode only: singular values of ``W_free`` below ``rcond * s_max`` are dropped in
             the pseudo-inverse (default: torch's ``eps * max(shape)``, the exact least-squares solution).
             When ``W_free`` is ill-conditioned the exact solution has huge pixel values; a larger ``rcond``
@@ -90,16 +90,16 @@ def nullspace_transform(model: nn.Module, *, mode: str = "project", channels: Se
         raise NSPluginError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if fit not in FITS:
         raise NSPluginError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
+    from ..nullspace.exact import solve_channels
+
     ns = _nullspace(model)
-    c, (rh, rw) = ns.in_chans, ns.patch_size
+    c = ns.in_chans
     if mode == "channels":
         chans = sorted(set(int(ch) for ch in channels))
         if not chans or chans[0] < 0 or chans[-1] >= c:
             raise NSPluginError(f"channels must be a non-empty subset of 0..{c - 1}, got {tuple(channels)}")
-        free = torch.cat([torch.arange(ch * rh * rw, (ch + 1) * rh * rw) for ch in chans])
         if rcond is not None and not 0 <= rcond < 1:
             raise NSPluginError(f"rcond must be in [0, 1), got {rcond}")
-        pinv = torch.linalg.pinv(ns.weight[:, free], rtol=rcond)  # (|free|, d), float64
 
     def transform(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if source.shape != target.shape:
@@ -109,11 +109,7 @@ def nullspace_transform(model: nn.Module, *, mode: str = "project", channels: Se
         if mode == "project":
             out = s64 + ns.project(t64 - s64)
         else:
-            ps, pt = ns.to_patches(s64), ns.to_patches(t64)
-            rhs = (ps - pt) @ ns.weight.to(ps.device).T        # (N, P, d): W (source - target)
-            pt = pt.clone()
-            pt[..., free] += rhs @ pinv.to(ps.device).T
-            out = ns.from_patches(pt, tuple(source.shape[-2:]))
+            out = solve_channels(ns, s64, t64, channels=chans, objective="embedding", rcond=rcond)
         return fit_to_box(s64, out, fit).to(source.dtype)
 
     transform.nullspace = ns  # type: ignore[attr-defined]
@@ -162,7 +158,7 @@ def _mean(vals):
 def targeted_triplets(model: nn.Module, source: torch.Tensor, target: torch.Tensor, *,
                       transform: Optional[Transform] = None, saliency: bool = True,
                       methods: Optional[Sequence[str]] = None, k: Union[float, int] = 0.25) -> TripletReport:
-    """Build and measure source / target / transformed triplets (seed 000 §7, Fig. 5; A.4, Fig. 7).
+    """Build and measure source / target / transformed triplets (OpenReview:d8VrVfNARSy §7, Fig. 5; A.4, Fig. 7).
 
     Args:
         model: the classifier (images in [0, 1]).

@@ -1,7 +1,7 @@
-"""Output-preserving watermarking with the exact patch-embedding nullspace (seed 000 §6, Eq. 7 and A.2;
-seed 001 appendix E).
+"""Output-preserving watermarking with the exact patch-embedding nullspace (OpenReview:d8VrVfNARSy §6, Eq. 7 and A.2;
+arXiv:2403.10476 appendix E).
 
-For every patch ``j`` of an image ``x`` and the same patch of a watermark image ``w``, Eq. 7 of seed 000
+For every patch ``j`` of an image ``x`` and the same patch of a watermark image ``w``, Eq. 7 of OpenReview:d8VrVfNARSy
 chooses nullspace coefficients ``λ`` (``c`` below) by
 
     min_c || Δx_j - B^T c ||_p    subject to    0 <= x_j + B^T c <= 1,      Δx_j = w_j - x_j,
@@ -43,8 +43,6 @@ objectives.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,6 +287,7 @@ class _threads:
 
 def _finish(X: torch.Tensor, U: torch.Tensor, B: torch.Tensor, Wm: torch.Tensor, p: int):
     """Map solutions back to coefficients, make the nullspace and box constraints exact, evaluate."""
+    from ..nullspace.exact import box_scale
     C = (U - X) @ B.T                          # (K, m) coefficients
     V = C @ B                                  # nullspace perturbation
     out = X + V
@@ -296,9 +295,7 @@ def _finish(X: torch.Tensor, U: torch.Tensor, B: torch.Tensor, Wm: torch.Tensor,
     bad = (lo < -1e-7) | (hi > 1 + 1e-7)      # larger than round-off or a solver tolerance
     if bool(bad.any()):                        # shrink towards x: stays in the nullspace and the box
         Xb, Vb = X[bad], V[bad]
-        up = torch.where(Vb > 0, (1 - Xb) / Vb.clamp_min(1e-300), torch.full_like(Xb, float("inf")))
-        dn = torch.where(Vb < 0, Xb / (-Vb).clamp_min(1e-300), torch.full_like(Xb, float("inf")))
-        s = torch.minimum(up, dn).amin(1).clamp(0, 1)
+        s = box_scale(Xb, Vb, tiny=1e-300).clamp(max=1)
         C[bad] = C[bad] * s[:, None]
         V[bad] = C[bad] @ B
         out[bad] = Xb + V[bad]
@@ -310,7 +307,7 @@ def _finish(X: torch.Tensor, U: torch.Tensor, B: torch.Tensor, Wm: torch.Tensor,
 def solve_patches(x_patches: torch.Tensor, w_patches: torch.Tensor, basis: torch.Tensor, *, p: int = 1,
                   solver: str = "exact", maxiter: int = 5000, ftol: float = 1e-6, tol: float = 1e-10,
                   num_threads: Optional[int] = 1, progress: bool = False) -> Dict[str, object]:
-    """Solve Eq. 7 of seed 000 for a batch of patches.
+    """Solve Eq. 7 of OpenReview:d8VrVfNARSy for a batch of patches.
 
     Args:
         x_patches: ``(K, n)`` source patches in [0, 1] (``n = c·rh·rw``).
@@ -377,7 +374,8 @@ def _solve(X, Wm, B, A, p, solver, maxiter, ftol, tol, progress, info):
             fails += not success
         # SLSQP's own iterate (before our exactness fix-up), to report its constraint violation honestly
         raw_obj = torch.as_tensor(_objective(U.numpy(), Wm.numpy(), p))
-        info.update(raw_patches=U.clone(), iterations=int(np.max(nits)) if nits else 0, mean_iterations=float(np.mean(nits)) if nits else 0.,
+        info.update(raw_patches=U.clone(), iterations=int(np.max(nits)) if nits else 0,
+                    mean_iterations=float(np.mean(nits)) if nits else 0.,
                     not_converged=fails, raw_objective=raw_obj,
                     raw_box_violation=float(torch.maximum(-U.min(), U.max() - 1).clamp_min(0)))
     elif p == 2:
@@ -433,7 +431,7 @@ def _nullspace_of(model_or_ns):
 
 def watermark_images(model, images: torch.Tensor, watermark: torch.Tensor, *, p: int = 1, solver: str = "exact",
                      maxiter: int = 5000, tol: float = 1e-10, progress: bool = False) -> WatermarkResult:
-    """Watermark a batch of images with Eq. 7 of seed 000 (§6, A.2), keeping the patch embedding unchanged.
+    """Watermark a batch of images with Eq. 7 of OpenReview:d8VrVfNARSy (§6, A.2), keeping the patch embedding unchanged.
 
     Args:
         model: the classifier (``Sequential(Normalize, ViT)``; any model with a non-overlapping patch
@@ -481,7 +479,7 @@ def watermark_images(model, images: torch.Tensor, watermark: torch.Tensor, *, p:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# evaluation (A.2) and the figure (Fig. 4 of 000 / Fig. 6 of 001)
+# evaluation (A.2) and the figure (Fig. 4 of OpenReview:d8VrVfNARSy / Fig. 6 of arXiv:2403.10476)
 # ---------------------------------------------------------------------------------------------------------
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB for images in [0, 1] (peak 1)."""
@@ -497,7 +495,7 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_watermark(model: nn.Module, images: torch.Tensor, watermarked: torch.Tensor,
                        watermark: torch.Tensor) -> Dict[str, float]:
-    """The A.2 figures of seed 000 on a batch: prediction match (% of watermarked images given the source
+    """The A.2 figures of OpenReview:d8VrVfNARSy on a batch: prediction match (% of watermarked images given the source
     image's class), mean |Δ p(source class)| (in %), PSNR of the watermarked images against the watermark and
     against the originals; the same after 8-bit quantisation (saving as PNG), which leaves the nullspace; and
     the model's float32 behaviour (the float64 numbers show the exact invariance)."""
@@ -538,7 +536,7 @@ def _atomic_savefig(fig, out: Path, dpi: int = 110) -> None:
 def watermark_figure(out: Union[str, Path], watermark: torch.Tensor, images: torch.Tensor,
                      watermarked: torch.Tensor, *, titles: Optional[Sequence[str]] = None,
                      max_rows: int = 4) -> Path:
-    """Fig. 4 of seed 000 / Fig. 6 of 001: (a) watermark, (b) originals, (c) watermarked, (d) |noise|
+    """Fig. 4 of OpenReview:d8VrVfNARSy / Fig. 6 of arXiv:2403.10476: (a) watermark, (b) originals, (c) watermarked, (d) |noise|
     (normalised per image). Written atomically (PNG/PDF from the suffix)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -622,18 +620,13 @@ def write_image(path: Union[str, Path], x: torch.Tensor) -> Path:
     path = Path(path)
     arr = (x.detach().double().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
     arr = arr[0].numpy() if arr.shape[0] == 1 else arr.permute(1, 2, 0).numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
+    from ..io import atomic_write
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
     try:
-        Image.fromarray(arr).save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format=fmt),
+                            suffix=path.suffix or ".png")
     except (ValueError, OSError) as e:
         raise NSPluginError(f"cannot write image {str(path)!r}: {e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def text_watermark(text: str = "NS", size: Tuple[int, int] = (32, 32), channels: int = 3) -> torch.Tensor:

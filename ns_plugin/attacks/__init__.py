@@ -4,8 +4,8 @@ inputs and outputs images in [0, 1]).
 =====================  ==========================================================================
 ``PatchFool``          Fu et al., ICLR 2022: attention-aware patch attack (+ mild / sparse variants)
 ``NullspaceNoise``     exact patch-embedding nullspace noise: predictions unchanged (sanity check)
-``TargetedNullspace``  seed 000 §7 / A.3: look like a target, be classified like the source
-``EmbeddingMatch``     seed 004 Eq. 3-4: match a target's representation by gradient descent
+``TargetedNullspace``  OpenReview:d8VrVfNARSy §7 / A.3: look like a target, be classified like the source
+``EmbeddingMatch``     arXiv:2401.15568 Eq. 3-4: match a target's representation by gradient descent
 ``DamageNet``          a pre-generated adversarial set (folder of images + labels) served as an attack
 =====================  ==========================================================================
 
@@ -13,7 +13,7 @@ Importing this package imports torchattacks but changes nothing in it; ``ns_plug
 attacks to the ``torchattacks`` namespace and ``torchattacks.__all__``. FGSM and CW, as used in the papers,
 come from torchattacks itself.
 """
-from importlib import import_module as _imp
+from .._lazy import lazy_attributes as _lazy_attributes
 
 #: attack name -> module defining it (loaded on first use)
 ATTACKS = {
@@ -30,14 +30,4 @@ MODEL_ONLY = ("PatchFool", "NullspaceNoise", "TargetedNullspace", "EmbeddingMatc
 __all__ = list(ATTACKS)
 
 
-def __getattr__(name):
-    mod = ATTACKS.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'ns_plugin.attacks' has no attribute {name!r}")
-    value = getattr(_imp(mod), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__ = _lazy_attributes(__name__, ATTACKS, __all__)

@@ -179,9 +179,8 @@ class TargetImagesMixin:
 
 def _patch_scale(xp: torch.Tensor, vp: torch.Tensor) -> torch.Tensor:
     """(N, P, 1): per patch, the largest s in [0, 1] with xp + s·vp inside [0, 1]."""
-    up = torch.where(vp > 0, (1 - xp) / vp.clamp_min(1e-30), torch.full_like(xp, float("inf")))
-    down = torch.where(vp < 0, xp / (-vp).clamp_min(1e-30), torch.full_like(xp, float("inf")))
-    return torch.minimum(up, down).min(-1, keepdim=True).values.clamp(0, 1)
+    from ..nullspace.exact import box_scale
+    return box_scale(xp, vp, start_dim=2).clamp(max=1).unsqueeze(-1)
 
 
 def patch_box_scale(ns, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -3,10 +3,10 @@ from pathlib import Path
 
 import torch
 
+from ..data import IMAGE_EXTENSIONS
 from ..errors import NSPluginError
 from ._base import NSAttack
 
-_IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 
 def _read_labels_file(root: Path, labels_file: Path):
@@ -39,7 +39,7 @@ def _read_image_folder(root: Path):
     for k, c in enumerate(classes):
         label = int(c) if numeric else k  # numbered folders keep their number even when some are absent
         for f in sorted((root / c).rglob("*")):
-            if f.is_file() and f.suffix.lower() in _IMAGE_EXT:
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
                 samples.append((f, label))
     if not samples:
         raise NSPluginError(f"adversarial set folder {root} has no images; lay it out as root/<class>/<image> "

@@ -8,8 +8,8 @@ from ._base import NSAttack, TargetImagesMixin
 class EmbeddingMatch(TargetImagesMixin, NSAttack):
     r"""
     Embedding matching from 'Intriguing Equivalence Structures of the Embedding Space of Vision Transformers'
-    (seed 004, Eq. 3-4): perturb an input :math:`x_0` by gradient descent so that its representation matches a
-    target's,
+    (arXiv:2401.15568, Eq. 3-4; :func:`ns_plugin.anatomy.match_embedding`): perturb an input :math:`x_0` by
+    gradient descent so that its representation matches a target's,
 
     .. math:: L(x_0 + \Delta x) = \tfrac12 \|f(x_0 + \Delta x) - f(x_{tg})\|^2, \qquad
               \nabla L \approx J_f(x_0)^T (f(x_0 + \Delta x) - f(x_{tg})),
@@ -38,7 +38,8 @@ class EmbeddingMatch(TargetImagesMixin, NSAttack):
     ``pixel_change_linf``, and ``loss`` (Eq. 3, per image) and ``steps`` (steps run).
 
     Shape:
-        - images: :math:`(N, C, H, W)` where `N = number of batches`, `C = number of channels`,        `H = height` and `W = width`. It must have a range [0, 1].
+        - images: :math:`(N, C, H, W)` where `N = number of batches`, `C = number of channels`,
+          `H = height` and `W = width`. It must have a range [0, 1].
         - labels: :math:`(N)` (optional, only shape-checked).
         - output: :math:`(N, C, H, W)`.
 
@@ -70,15 +71,12 @@ class EmbeddingMatch(TargetImagesMixin, NSAttack):
             self.set_target_images(target)
 
     def represent(self, images):
-        """The representation ``f(x)`` matched by the attack, for images in [0, 1]."""
+        """The representation ``f(x)`` matched by the attack, for images in [0, 1]
+        (:func:`ns_plugin.anatomy.representation`)."""
         if self.representation == "logits":
             return self.get_logits(images).flatten(1)
-        norm, core = self._core()
-        x = norm(images) if norm is not None else images
-        feats = core.forward_features(x)
-        if self.representation == "features":
-            return feats.flatten(1)
-        return core.forward_head(feats, pre_logits=True).flatten(1)
+        from ..anatomy import representation
+        return representation(self._model_with_normalizer(), self.representation)(images)
 
     def forward(self, images, labels=None, target_images=None):
         r"""
@@ -89,21 +87,15 @@ class EmbeddingMatch(TargetImagesMixin, NSAttack):
         with torch.no_grad():
             goal = self.represent(target).detach()
             start_cos = F.cosine_similarity(self.represent(images), goal, dim=1)
-        x = images.clone().requires_grad_(True)
-        opt = (torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD)([x], lr=self.lr)
-        steps = 0
-        for steps in range(1, self.steps + 1):
-            rep = self.represent(x)
-            per_image = 0.5 * (rep - goal).pow(2).sum(1)  # Eq. 3
-            opt.zero_grad(set_to_none=True)
-            per_image.sum().backward()
-            opt.step()
-            with torch.no_grad():
-                x.clamp_(0, 1)
-                if self.stop_cosine is not None and n and bool(
-                        (F.cosine_similarity(rep, goal, dim=1) >= self.stop_cosine).all()):
-                    break
-        adv_images = x.detach().clamp(0, 1)
+        from ..anatomy import match_embedding
+
+        def reached(step, x, rep, loss):
+            return self.stop_cosine is not None and n > 0 and bool(
+                (F.cosine_similarity(rep, goal, dim=1) >= self.stop_cosine).all())
+
+        x, steps = match_embedding(self.represent, images, goal, steps=self.steps, lr=self.lr,
+                                   optimizer=self.optimizer, callback=reached)
+        adv_images = x.clamp(0, 1)
         with torch.no_grad():
             rep = self.represent(adv_images)
             diff = (adv_images - images).flatten(1)

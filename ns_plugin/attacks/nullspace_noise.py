@@ -7,8 +7,8 @@ from ._base import NSAttack, patch_box_scale, project_box_nullspace
 class NullspaceNoise(NSAttack):
     r"""
     Exact patch-embedding nullspace noise, from 'Nullspace of Vision Transformers and what does it tell us?'
-    (Liu et al.; seed 000 §3, Eq. 2) and 'Approximate Nullspace Augmented Finetuning for Robust Vision
-    Transformers' (seed 001 §3.1, Table 1).
+    (Liu et al.; OpenReview:d8VrVfNARSy §3, Eq. 2) and 'Approximate Nullspace Augmented Finetuning for Robust Vision
+    Transformers' (arXiv:2403.10476 §3.1, Table 1).
 
     A ViT's patch embedding applies one linear map :math:`W: \mathbb{R}^{c r^2} \to \mathbb{R}^d` to every
     patch; when :math:`c r^2 > d` it has a nullspace, and noise whose every patch lies in it does not change
@@ -37,7 +37,8 @@ class NullspaceNoise(NSAttack):
     ``pred_match`` (fraction of unchanged predictions).
 
     Shape:
-        - images: :math:`(N, C, H, W)` where `N = number of batches`, `C = number of channels`,        `H = height` and `W = width`. It must have a range [0, 1].
+        - images: :math:`(N, C, H, W)` where `N = number of batches`, `C = number of channels`,
+          `H = height` and `W = width`. It must have a range [0, 1].
         - labels: :math:`(N)` (optional, unused except for the shape check).
         - output: :math:`(N, C, H, W)`.
 
@@ -62,7 +63,7 @@ class NullspaceNoise(NSAttack):
         ns = self._nullspace()  # fails here, with the reason, on models without a patch nullspace
         if ns.nullity == 0:
             raise NSPluginError("this model's patch embedding is full rank (nullity 0): it has no exact nullspace "
-                                "noise; use the approximate generator in ns_plugin.nullspace.approximate")
+                                "noise; use the approximate generator in ns_plugin.nullspace.search")
 
     def forward(self, images, labels=None):
         r"""

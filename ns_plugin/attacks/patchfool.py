@@ -1,5 +1,3 @@
-import contextlib
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -9,44 +7,15 @@ from ._base import NSAttack
 
 
 def _attention_modules(core):
-    """The self-attention modules of a timm ViT-style model, in depth order, or an error."""
-    blocks = getattr(core, "blocks", None)
-    mods = []
-    if blocks is not None:
-        for blk in blocks:
-            attn = getattr(blk, "attn", None)
-            if attn is not None and hasattr(attn, "attn_drop") and hasattr(attn, "fused_attn"):
-                mods.append(attn)
+    """The self-attention modules of a timm ViT-style model, in depth order, or an error naming PatchFool."""
+    from ..anatomy import attention_modules
+    mods = attention_modules(core)
     pe = getattr(core, "patch_embed", None)
     if not mods or pe is None or getattr(pe, "patch_size", None) is None:
         raise NSPluginError(f"PatchFool needs a ViT with global self-attention over patch tokens (timm "
                             f"VisionTransformer/DeiT blocks with .attn); {type(core).__name__} has none. Use an "
                             f"attention-free attack (e.g. torchattacks.PGD) for this model")
     return mods
-
-
-@contextlib.contextmanager
-def record_attention(core):
-    """Context manager yielding a list that fills with each block's attention probabilities
-    ``(B, heads, tokens, tokens)`` on every forward, with gradients.
-
-    timm computes attention with fused ``scaled_dot_product_attention`` by default, which never materialises
-    the probabilities; inside this context each ``Attention`` module runs its explicit (mathematically equal)
-    path and a forward hook on its ``attn_drop`` reads the softmax output. timm's files are not touched and the
-    modules are restored on exit."""
-    mods = _attention_modules(core)
-    maps, handles, fused = [], [], []
-    try:
-        for m in mods:
-            fused.append(m.fused_attn)
-            m.fused_attn = False
-            handles.append(m.attn_drop.register_forward_hook(lambda mod, inp, out: maps.append(inp[0])))
-        yield maps
-    finally:
-        for h in handles:
-            h.remove()
-        for m, f in zip(mods, fused):
-            m.fused_attn = f
 
 
 def _pcgrad(g_aux, g_main):
@@ -75,7 +44,7 @@ class PatchFool(NSAttack):
        pixels (all channels) of the chosen patches picked by a learnt mask are changed).
 
     The attention maps are read from timm's ``Attention`` modules without editing timm (see
-    :func:`record_attention`). Models without such attention raise :class:`ns_plugin.NSPluginError`.
+    :class:`ns_plugin.anatomy.AttentionRecorder`). Models without such attention raise :class:`ns_plugin.NSPluginError`.
 
     Distance Measure : L0 over patches (unconstrained) / Linf within the patches (mild)
 
@@ -100,7 +69,8 @@ class PatchFool(NSAttack):
     After a call, ``atk.last_info`` holds ``patch_index`` (N, patches) and ``loss`` (final cross-entropy).
 
     Shape:
-        - images: :math:`(N, C, H, W)` where `N = number of batches`, `C = number of channels`,        `H = height` and `W = width`. It must have a range [0, 1].
+        - images: :math:`(N, C, H, W)` where `N = number of batches`, `C = number of channels`,
+          `H = height` and `W = width`. It must have a range [0, 1].
         - labels: :math:`(N)` where each value :math:`y_i` is :math:`0 \leq y_i \leq` `number of labels`.
         - output: :math:`(N, C, H, W)`.
 
@@ -162,7 +132,9 @@ class PatchFool(NSAttack):
         if self.sparse_pixels is not None and not 1 <= self.sparse_pixels <= self.patches * ph * pw:
             raise NSPluginError(f"sparse_pixels must be in [1, {self.patches * ph * pw}], got {self.sparse_pixels}")
 
-        with record_attention(core) as maps:
+        from ..anatomy import AttentionRecorder
+        with AttentionRecorder(core, grads=True) as rec:
+            maps = rec.live
             with torch.no_grad():
                 logits = self.get_logits(images)
             labels = self._check_labels(labels, n, num_classes=logits.shape[1])
@@ -171,7 +143,7 @@ class PatchFool(NSAttack):
             attn = maps[self.select_layer].mean(1)  # (N, T, T), mean over heads
             score = attn.mean(1)[:, prefix:]  # attention each patch receives, averaged over queries
             patch_index = score.argsort(dim=1, descending=True)[:, :self.patches]
-            maps.clear()
+            rec.clear()
 
             mask = torch.zeros(n, 1, gh, gw, device=images.device)
             mask.view(n, -1).scatter_(1, patch_index, 1.0)
@@ -196,7 +168,7 @@ class PatchFool(NSAttack):
             for _ in range(self.steps):
                 m = self._current_mask(mask, pix_logit)
                 adv = images * (1 - m) + delta * m
-                maps.clear()
+                rec.clear()
                 out = self.get_logits(adv)
                 loss = -ce(out, target_labels) if self.targeted else ce(out, labels)
                 grads = torch.autograd.grad(loss, params, retain_graph=self.attn_weight > 0)
@@ -227,7 +199,7 @@ class PatchFool(NSAttack):
                     if self.eps is not None:
                         delta.copy_(torch.min(torch.max(delta, images - self.eps), images + self.eps))
                     delta.clamp_(0, 1)
-            maps.clear()
+            rec.clear()
 
         m = self._current_mask(mask, pix_logit).detach()
         adv_images = (images * (1 - m) + delta.detach() * m).clamp(0, 1).detach()
@@ -238,7 +210,6 @@ class PatchFool(NSAttack):
         """The patch mask, or for Sparse Patch-Fool its top-k pixels (straight-through to the learnt scores)."""
         if pix_logit is None:
             return mask
-        n = mask.shape[0]
         flat = pix_logit.flatten(1)
         thr = flat.topk(self.sparse_pixels, dim=1).values[:, -1:]
         hard = (flat >= thr).float().view_as(pix_logit)

@@ -7,7 +7,7 @@ from ._base import NSAttack, TargetImagesMixin, project_box_nullspace
 class TargetedNullspace(TargetImagesMixin, NSAttack):
     r"""
     Targeted nullspace noise from 'Nullspace of Vision Transformers and what does it tell us?' (Liu et al.;
-    seed 000 §6 Eq. 7, §7 and appendix A.2-A.3): make a source image look like a target image while the
+    OpenReview:d8VrVfNARSy §6 Eq. 7, §7 and appendix A.2-A.3): make a source image look like a target image while the
     model still sees the source, by moving it only along the patch-embedding nullspace.
 
     Per patch, Eq. 7 asks for nullspace coefficients :math:`\lambda` with
@@ -48,7 +48,8 @@ class TargetedNullspace(TargetImagesMixin, NSAttack):
     and ``max_logit_diff`` (source vs output).
 
     Shape:
-        - images: :math:`(N, C, H, W)` where `N = number of batches`, `C = number of channels`,        `H = height` and `W = width`. It must have a range [0, 1].
+        - images: :math:`(N, C, H, W)` where `N = number of batches`, `C = number of channels`,
+          `H = height` and `W = width`. It must have a range [0, 1].
         - labels: :math:`(N)` (optional, only shape-checked: the attack keeps the model's prediction).
         - output: :math:`(N, C, H, W)`.
 
@@ -111,34 +112,9 @@ class TargetedNullspace(TargetImagesMixin, NSAttack):
         return adv_images
 
     def _red_only(self, ns, x64, t64):
-        """Appendix A.3: G, B := target; red solved by (box-constrained) least squares, batched over patches."""
-        c = ns.in_chans
-        k = ns.input_dim // c  # pixels per channel in a patch; channel 0 (red) comes first in conv order
-        basis = ns.basis.to(x64.device)
-        if self.objective == "embedding":
-            a = ns.weight.to(x64.device)  # (d, c·r²): the patch embedding itself
-        else:
-            # orthonormal basis of the orthogonal complement of the nullspace (the row space)
-            full = torch.linalg.svd(ns.weight.to(x64.device), full_matrices=True)[2]
-            a = full[:ns.input_dim - ns.nullity]
-        if basis.numel():
-            a = a - (a @ basis.T) @ basis  # exact orthogonality to the computed nullspace
-        a_r, a_gb = a[:, :k], a[:, k:]
-        xp, tp = ns.to_patches(x64), ns.to_patches(t64)  # (N, P, c·r²)
-        rhs = -(tp[..., k:] - xp[..., k:]) @ a_gb.T + xp[..., :k] @ a_r.T  # want a_r · z = rhs, z = new red
-        z = torch.linalg.lstsq(a_r.expand(1, *a_r.shape), rhs.reshape(1, -1, rhs.shape[-1]).transpose(1, 2)
-                               ).solution.transpose(1, 2).reshape(xp.shape[0], xp.shape[1], k)
-        if self.box == "project":
-            lip = float(torch.linalg.matrix_norm(a_r, ord=2)) ** 2
-            ata, atb = a_r.T @ a_r, rhs @ a_r
-            z = z.clamp(0, 1)
-            y, zp, tk = z.clone(), z.clone(), 1.0
-            for _ in range(self.iters):  # FISTA on 0.5·||a_r z - rhs||² over the box [0, 1]
-                grad = y @ ata - atb
-                zn = (y - grad / max(lip, 1e-12)).clamp(0, 1)
-                tn = (1 + (1 + 4 * tk * tk) ** 0.5) / 2
-                y = zn + ((tk - 1) / tn) * (zn - zp)
-                zp, tk = zn, tn
-            z = zp
-        new = torch.cat([z, tp[..., k:]], dim=-1)
-        return ns.from_patches(new, tuple(x64.shape[-2:])) - x64
+        """Appendix A.3: G, B := target; red solved by (box-constrained) least squares, batched over patches
+        (:func:`ns_plugin.nullspace.exact.solve_channels`)."""
+        from ..nullspace.exact import solve_channels
+        out = solve_channels(ns, x64, t64, channels=(0,), objective=self.objective, box=self.box == "project",
+                             iters=self.iters)
+        return out - x64

@@ -1,4 +1,4 @@
-"""``ns-plugin demo``: the whole comparison on the embedded default (seed 001 Tables 2-4, Fig. 4)."""
+"""``ns-plugin demo``: the whole comparison on the embedded default (arXiv:2403.10476 Tables 2-4, Fig. 4)."""
 from __future__ import annotations
 
 import json

@@ -14,9 +14,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    import torch
     from ..data import image_folder, load_digits, tensors
-    from ..embedded import accuracy
+    from ..models import accuracy
     from ..models import input_size
     from ._common import load_model
 

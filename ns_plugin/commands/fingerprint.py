@@ -1,10 +1,10 @@
 """``ns-plugin fingerprint``: does SUSPECT derive from REFERENCE? Nullspace fingerprint of the patch embedding
-(seed 000 §9, "model patenting")."""
+(OpenReview:d8VrVfNARSy §9, "model patenting")."""
 from __future__ import annotations
 
 import json
 
-HELP = ("compare the patch-embedding nullspaces of two models (seed 000 §9): score, threshold and verdict on "
+HELP = ("compare the patch-embedding nullspaces of two models (OpenReview:d8VrVfNARSy §9): score, threshold and verdict on "
         "whether SUSPECT derives from REFERENCE")
 
 

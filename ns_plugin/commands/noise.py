@@ -1,6 +1,6 @@
 """``ns-plugin noise``: learn an encoder-level ε-approximate nullspace noise and report its quality.
 
-Seed 001, Eq. 7-8 / Algorithm 1 lines 3-14 (search), Fig. 3 (quality with the permuted control) and
+arXiv:2403.10476, Eq. 7-8 / Algorithm 1 lines 3-14 (search), Fig. 3 (quality with the permuted control) and
 Fig. 5 (``--plot``: scaling and convex-combination behaviour).
 """
 from __future__ import annotations
@@ -44,11 +44,11 @@ def _folder(path, model):
 
 
 def run(args) -> int:
-    import torch
     from ..checkpoint import atomic_save
     from ..data import load_digits
     from ..errors import NSPluginError
-    from ..nullspace.approximate import noise_quality, search_noise
+    from ..nullspace.metrics import noise_quality
+    from ..nullspace.search import search_noise
     from ._common import load_model
 
     if args.plot and args.num_noises < 2:

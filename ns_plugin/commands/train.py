@@ -1,4 +1,4 @@
-"""``ns-plugin train``: fine-tune with a registered method (seed 001 Alg. 1 and the baselines).
+"""``ns-plugin train``: fine-tune with a registered method (arXiv:2403.10476 Alg. 1 and the baselines).
 
 ``ns-plugin train --config FILE [--method NAME] [--out DIR] [--resume] [--<any config key> VALUE]``.
 Precedence as in EasyRobust's ``train.py``: flag > YAML file > built-in default. ``DIR`` receives a
@@ -35,8 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.config import TrainConfig, read_yaml
 
     if args.list_methods:
-        from ..registry import trainers
-        from ..training import methods as _m  # noqa: F401
+        from ..training import trainers
         for name, doc in trainers.describe().items():
             print(f"{name:10s} {doc}")
         return 0

@@ -1,11 +1,11 @@
-"""``ns-plugin watermark``: output-preserving watermarking with the patch-embedding nullspace (seed 000 §6,
-Eq. 7, A.2; seed 001 appendix E)."""
+"""``ns-plugin watermark``: output-preserving watermarking with the patch-embedding nullspace (OpenReview:d8VrVfNARSy §6,
+Eq. 7, A.2; arXiv:2403.10476 appendix E)."""
 from __future__ import annotations
 
 import json
 
 HELP = ("watermark IMAGE with WATERMARK inside the model's patch-embedding nullspace, so the model's output "
-        "is unchanged (seed 000 Eq. 7); the watermark is resized to the image size")
+        "is unchanged (OpenReview:d8VrVfNARSy Eq. 7); the watermark is resized to the image size")
 
 
 def add_model_choice(p, *, flag: str = "--model") -> None:
@@ -30,39 +30,13 @@ def load_named_model(name: str, checkpoint=None, *, trust: bool = False, use_ema
         return load_model(argparse.Namespace(checkpoint=checkpoint, trust_checkpoint=trust, use_ema=use_ema),
                           progress=progress)
     import timm
-    from ..checkpoint import load_into, read_checkpoint
-    from ..models import Normalize, wrap
+    from ..models import create_model
 
     if name not in timm.list_models():
         raise NSPluginError(f"unknown model {name!r}: use 'default' or a timm model name (see timm.list_models())")
     if checkpoint:
-        ckpt = read_checkpoint(checkpoint, trust=trust)
-        key = "state_dict_ema" if use_ema else "state_dict"
-        sd = ckpt.get(key)
-        if not isinstance(sd, dict):
-            raise NSPluginError(f"checkpoint {checkpoint} has no {key!r} entry")
-        wrapped = "0.mean" in sd and "0.std" in sd
-        core_sd = {k[2:]: v for k, v in sd.items() if k.startswith("1.")} if wrapped else sd
-        head = core_sd.get("head.weight", core_sd.get("head.fc.weight"))
-        kw = {"num_classes": int(head.shape[0])} if head is not None and head.dim() == 2 else {}
-        try:
-            core = timm.create_model(name, pretrained=False, **kw)
-        except Exception as e:  # noqa: BLE001 - timm raises many types for bad arguments
-            raise NSPluginError(f"cannot build timm model {name!r}: {e}") from None
-        load_into(core, core_sd, source=f"checkpoint {checkpoint}")
-        if wrapped:
-            model = wrap(core, sd["0.mean"].tolist(), sd["0.std"].tolist())
-        else:
-            cfg = getattr(core, "pretrained_cfg", {}) or {}
-            model = wrap(core, cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225)))
-        return model.eval()
-    try:
-        core = timm.create_model(name, pretrained=True)
-    except Exception as e:  # noqa: BLE001 - download errors come in many types
-        raise NSPluginError(f"cannot load pretrained weights for {name!r} ({type(e).__name__}); pass "
-                            f"--checkpoint FILE with its weights (no network here?)") from None
-    cfg = getattr(core, "pretrained_cfg", {}) or {}
-    return wrap(core, cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))).eval()
+        return create_model(name, checkpoint=checkpoint, trust=trust, use_ema=use_ema).eval()
+    return create_model(name, pretrained=True).eval()
 
 
 def add_arguments(p):
@@ -76,7 +50,8 @@ def add_arguments(p):
     p.add_argument("--p", type=int, choices=(1, 2), default=1,
                    help="norm of Eq. 7 (default 1, the paper's choice)")
     p.add_argument("--solver", choices=("exact", "highs", "slsqp"), default="exact",
-                   help="'exact' (batched semismooth Newton for p=2, batched interior-point LP for p=1; default), 'highs' (p=1 only, HiGHS simplex per patch) or the paper's SciPy "
+                   help="'exact' (batched semismooth Newton for p=2, batched interior-point LP for p=1; default), "
+                        "'highs' (p=1 only, HiGHS simplex per patch) or the paper's SciPy "
                         "SLSQP (slow: seconds per patch)")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="watermarked image (8-bit, format from the suffix, e.g. .png)")
@@ -108,7 +83,6 @@ def _load_image(spec: str, size, channels, what: str):
 
 
 def run(args) -> int:
-    import torch
     from pathlib import Path
     from ..errors import NSPluginError
     from ..models import input_size

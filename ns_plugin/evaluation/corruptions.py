@@ -35,7 +35,7 @@ import shutil
 import tempfile
 import types
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch

@@ -1,4 +1,4 @@
-"""The comparison harness behind ``ns-plugin demo`` and ``benchmarks/compare.py`` (seed 001 Tables 2-4, Fig. 4).
+"""The comparison harness behind ``ns-plugin demo`` and ``benchmarks/compare.py`` (arXiv:2403.10476 Tables 2-4, Fig. 4).
 
 One config (YAML or dict) names the data, the starting model, the shared training settings, the list of
 fine-tuning runs and the evaluation. The harness then
@@ -17,70 +17,43 @@ run of another config is refused, never mixed.
 from __future__ import annotations
 
 import copy
-import csv
 import hashlib
-import io
 import json
-import math
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-
 from ..errors import NSPluginError
 from .corruptions import IMAGENET_C
+from .report import TABLE2_COLS, TABLE3_COLS, TABLE4_COLS  # noqa: F401 (the tables' columns, re-exported)
+from .report import arch_name as _arch
+from .report import slug as _slug
 
-#: The demo on the embedded default: every method of the paper on digits + tiny ViT, about 5 min on 2 cores.
-DEMO_CONFIG: Dict[str, Any] = {
-    "name": "demo",
-    "data": "digits",
-    "model": "default",
-    "seed": 0,
-    "training": {"rounds": 5, "steps_per_round": 12, "batch_size": 64, "lr": 1e-4, "search_batch_size": 64,
-                 "noise_max_steps": 300, "pgd_steps": 3, "pgd_alpha": 3 / 255, "plot": True},
-    "runs": [
-        {"name": "ViT", "method": None},
-        {"name": "ViT + NS", "method": "ns"},
-        {"name": "ViT + FT", "method": "standard"},
-        {"name": "Madry", "method": "madry"},
-        {"name": "TRADES", "method": "trades"},
-        {"name": "DAT", "method": "dat"},
-        {"name": "DAT + NS", "method": "dat_ns"},
-        {"name": "NS eps=0.01", "method": "ns", "eps": 0.01},
-        {"name": "random eps=0.01", "method": "random", "eps": 0.01},
-        {"name": "random eps=0.03", "method": "random", "eps": 0.03},
-        {"name": "NS eps=0.1", "method": "ns", "eps": 0.1},
-        {"name": "random eps=0.1", "method": "random", "eps": 0.1},
-    ],
-    "eval": {"n_attack": 120, "fgsm_eps": 1 / 255, "pgd": {"eps": 2 / 255, "alpha": 0.5 / 255, "steps": 10},
-             "cw": {"c": 1.0, "steps": 30, "lr": 0.01}, "patchfool": {"patches": 1, "steps": 30},
-             "autoattack": None, "damagenet": None, "engine": "fast", "severities": [1, 2, 3, 4, 5],
-             "corruptions": "all"},
-    "tables": {
-        "table2": ["ViT", "ViT + NS", "DAT", "DAT + NS"],
-        "table3": ["ViT", "Madry", "TRADES", "ViT + NS"],
-        "table4": [["0.01", "NS eps=0.01", "random eps=0.01"], ["0.03", "ViT + NS", "random eps=0.03"],
-                   ["0.1", "NS eps=0.1", "random eps=0.1"]],
-    },
-}
+#: The demo configuration shipped as package data (every method of the paper on digits + tiny ViT, about 5 min
+#: on 2 cores); comparison configs start from it.
+logger = logging.getLogger(__name__)
+
+DEMO_CONFIG_FILE = "configs/demo.yaml"
+
+
+def demo_config() -> Dict[str, Any]:
+    """A fresh copy of the demo configuration, read from ``ns_plugin/configs/demo.yaml``."""
+    from importlib.resources import files
+    import yaml
+    return yaml.safe_load(files("ns_plugin").joinpath(DEMO_CONFIG_FILE).read_text(encoding="utf-8"))
+
 
 _TOP_KEYS = {"name", "data", "model", "seed", "training", "runs", "eval", "tables"}
-_EVAL_KEYS = set(DEMO_CONFIG["eval"])
 _TABLE_KEYS = {"table2", "table3", "table4"}
-
-#: Columns of the paper's tables (seed 001). "PGD" is ours (the paper reports no PGD in Table 2).
-TABLE2_COLS = ["Clean", "PatchFool", "CW", "FGSM", "PGD", "DamageNet", "A", "C", "V2", "R", "Sketch", "Stylized"]
-TABLE3_COLS = ["Clean", "FGSM", "PGD", "DamageNet", "A", "C", "V2", "R", "Sketch", "Stylized"]
-TABLE4_COLS = ["FGSM", "DamageNet", "A", "C", "V2", "R", "Sketch", "Stylized"]
-
 
 # ----------------------------------------------------------------------------------------------------------
 # config
 # ----------------------------------------------------------------------------------------------------------
 def load_comparison_config(path: Optional[os.PathLike] = None, **overrides) -> Dict[str, Any]:
     """The demo config, or a YAML file's (keys it omits take the demo's values), validated."""
-    cfg = copy.deepcopy(DEMO_CONFIG)
+    cfg = demo_config()
     if path is not None:
         from ..io import read_yaml_mapping
         _merge(cfg, read_yaml_mapping(path))
@@ -102,9 +75,8 @@ def _merge(base: Dict[str, Any], new: Dict[str, Any]) -> None:
 def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Refuse unknown keys and methods with one clear line each."""
     import difflib
-    from ..registry import trainers
     from ..training import config as tc
-    from ..training import methods as _m  # noqa: F401  (registers the methods)
+    from ..training import trainers
 
     def unknown(keys, known, where):
         for k in keys:
@@ -114,7 +86,7 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
                 raise NSPluginError(f"unknown key {k!r} in {where}{hint} (known: {', '.join(sorted(known))})")
 
     unknown(cfg, _TOP_KEYS, "the comparison config")
-    unknown(cfg["eval"], _EVAL_KEYS, "eval")
+    unknown(cfg["eval"], set(demo_config()["eval"]), "eval")
     unknown(cfg["tables"], _TABLE_KEYS, "tables")
     train_keys = {f.name for f in __import__("dataclasses").fields(tc.TrainConfig)} - {"method", "model", "data"}
     unknown(cfg["training"], train_keys, "training")
@@ -155,21 +127,17 @@ def _write_json(path: Path, obj: Any) -> None:
     _write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------------------
 class Comparison:
     """One comparison run in a results folder (see the module docstring)."""
 
-    def __init__(self, cfg: Dict[str, Any], out: os.PathLike, *, progress: bool = True, log=print):
+    def __init__(self, cfg: Dict[str, Any], out: os.PathLike, *, progress: bool = True, log=None):
         self.cfg = validate_config(copy.deepcopy(cfg))
         self.out = Path(out)
         self.progress = progress
-        self.log = log
+        self.log = log if log is not None else logger.info  # library messages go through logging
         self.hash = config_hash(self.cfg)
         self.baseline_name = self.cfg["runs"][0]["name"]
 
@@ -320,7 +288,7 @@ class Comparison:
         except NSPluginError as e:
             out["PatchFool"] = f"skipped: {e}"
         if ev.get("autoattack"):
-            from .. import compat
+            from ..integrations import robustbench as compat
             compat.ensure_autoattack()
             from autoattack import AutoAttack
 
@@ -335,115 +303,36 @@ class Comparison:
 
     # -- outputs --------------------------------------------------------------------------------------------
     def tables(self, evals: Dict[str, Dict[str, Any]], partial: bool) -> str:
-        from .suite import mce, paper_average
-        base = evals.get(self.baseline_name)
-        rows = {}
-        for name, e in evals.items():
-            r = {c: e.get(c) for c in TABLE2_COLS}
-            r["C"] = mce(e["corruptions"], base["corruptions"]) if base and e.get("corruptions") else None
-            rows[name] = r
-        avg_cols = [c for c in TABLE2_COLS if c != "PGD"]  # the paper's average has no PGD column
-        for r in rows.values():
-            r["Average"] = paper_average(r, [c for c in avg_cols if any(rr.get(c) is not None for rr in rows.values())])
-        md = io.StringIO()
-        flag = " (PARTIAL: the run was interrupted; resume to complete)" if partial else ""
-        md.write(f"# {self.cfg['name']}: robustness comparison{flag}\n\n")
-        md.write(f"Attacks run on the first {self.cfg['eval']['n_attack']} test images (FGSM ε={self.cfg['eval']['fgsm_eps'] * 255:.3g}/255, "
-                 f"PGD ε={self.cfg['eval']['pgd']['eps'] * 255:.3g}/255 x{self.cfg['eval']['pgd']['steps']}, CW L2 c={self.cfg['eval']['cw']['c']}, "
-                 f"PatchFool {self.cfg['eval']['patchfool'].get('patches', 1)} patch); Clean is the whole test set. ")
-        md.write(f"C is the mCE against the baseline run ({self.baseline_name!r} = 100), lower is better; the "
-                 f"Average is the paper's: the mean over the columns with values, C entering as 100 - mCE "
-                 f"(PGD, our extra column, is left out of it). Empty cells were skipped (see notes).\n\n")
-        tabs = self.cfg["tables"]
-
-        def table(title, names, cols, key):
-            md.write(f"## {title}\n\n| Method | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n")
-            out_rows = []
-            for n in names:
-                if n not in rows:
-                    continue
-                vals = [rows[n].get(c) for c in cols]
-                md.write(f"| {n} | " + " | ".join("" if v is None else f"{v:.2f}" for v in vals) + " |\n")
-                out_rows.append([n] + ["" if v is None else round(v, 2) for v in vals])
-            md.write("\n")
-            _write_csv(self.out / f"{key}.csv", ["Method"] + cols, out_rows)
-
-        if "table2" in tabs:
-            table("Table 2: effect of nullspace fine-tuning", tabs["table2"], TABLE2_COLS + ["Average"], "table2")
-        if "table3" in tabs:
-            table("Table 3: NS vs Madry vs TRADES", tabs["table3"], TABLE3_COLS, "table3")
-        if "table4" in tabs:
-            md.write("## Table 4: ε and random-noise ablation\n\n| ε | Fine-tuning | " + " | ".join(TABLE4_COLS)
-                     + " |\n|---|---|" + "---|" * len(TABLE4_COLS) + "\n")
-            out_rows = []
-            for eps, ns_name, rnd_name in tabs["table4"]:
-                for label, n in (("nullspace", ns_name), ("random", rnd_name)):
-                    if n in rows:
-                        vals = [rows[n].get(c) for c in TABLE4_COLS]
-                        md.write(f"| {eps} | {label} | " + " | ".join("" if v is None else f"{v:.2f}" for v in vals) + " |\n")
-                        out_rows.append([eps, label] + ["" if v is None else round(v, 2) for v in vals])
-            md.write("\n")
-            _write_csv(self.out / "table4.csv", ["eps", "Fine-tuning"] + TABLE4_COLS, out_rows)
-        notes = sorted({f"{c}: {v}" for e in evals.values() for c, v in e.get("notes", {}).items()})
-        if notes:
-            md.write("Notes:\n" + "".join(f"- {n}\n" for n in notes) + "\n")
+        """Write ``tables.md``, ``table*.csv`` and ``rows.json`` (:func:`.report.tables_markdown`)."""
+        from .report import csv_text, table_rows, tables_markdown
+        rows = table_rows(evals, self.baseline_name)
         timings = json.loads((self.out / "timings.json").read_text()) if (self.out / "timings.json").is_file() else {}
-        md.write("## Cost\n\n| Run | fine-tune s | eval s | clean img/s | PGD img/s |\n|---|---|---|---|---|\n")
-        for n, e in evals.items():
-            md.write(f"| {n} | {timings.get(n, {}).get('finetune_seconds', '')} | {e.get('eval_seconds', '')} | "
-                     f"{e.get('clean_images_per_s', '')} | {e.get('PGD_images_per_s', '')} |\n")
-        text = md.getvalue()
+        text, csvs = tables_markdown(self.cfg, evals, rows, baseline=self.baseline_name, partial=partial,
+                                     timings=timings)
+        for key, table in csvs.items():
+            _write_text(self.out / f"{key}.csv", csv_text(table))
         _write_text(self.out / "tables.md", text)
         _write_json(self.out / "rows.json", rows)
         return text
 
     def leaderboard(self, evals: Dict[str, Dict[str, Any]], rows: Dict[str, Dict[str, Any]]) -> None:
-        """robustbench ``model_info`` entries (Linf and corruptions boards) for each run."""
-        ev = self.cfg["eval"]
-        for name, e in evals.items():
-            r = rows[name]
-            common = {"link": "", "name": name, "authors": "ns_plugin demo", "additional_data": False,
-                      "number_forward_passes": 1, "dataset": f"{self.cfg['data']} (embedded)" if self.cfg["data"] == "digits" else "imagenet",
-                      "venue": "ns_plugin", "architecture": _arch(self.cfg), "reported": False,
-                      "clean_acc": _pct(r["Clean"])}
-            robust = e.get("AutoAttack")
-            _write_json(self.out / "leaderboard" / "Linf" / f"{_slug(name)}.json",
-                        dict(common, eps=f"{ev['pgd']['eps'] * 255:.0f}/255",
-                             autoattack_acc=_pct(robust) if robust is not None else "",
-                             external=_pct(e.get("PGD")),
-                             footnote="autoattack_acc empty unless eval.autoattack is set; external = PGD-10"))
-            corr = e.get("corruptions") or {}
-            mean_c = sum(sum(s.values()) / len(s) for s in corr.values()) / len(corr) if corr else None
-            _write_json(self.out / "leaderboard" / "corruptions" / f"{_slug(name)}.json",
-                        dict(common, eps=None, corruptions_acc=_pct(mean_c), corruptions_mce=_pct(r["C"])))
+        """robustbench ``model_info`` entries (:func:`.report.leaderboard_entries`) under ``leaderboard/``."""
+        from .report import leaderboard_entries
+        for rel, entry in leaderboard_entries(self.cfg, evals, rows).items():
+            _write_json(self.out / "leaderboard" / rel, entry)
 
     def plots(self) -> Optional[Path]:
-        """All runs' per-round curves in one figure (Fig. 4 style: each metric normalised to its start)."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """All runs' per-round curves in one figure (:func:`.report.training_curves_figure`)."""
+        from .report import training_curves_figure
         logs = {}
         for run in self.cfg["runs"]:
             p = self.out / "runs" / _slug(run["name"]) / "log.json"
             if p.is_file():
                 logs[run["name"]] = json.loads(p.read_text())
-        if not logs:
+        fig = training_curves_figure(logs)
+        if fig is None:
             return None
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        for name, rows in logs.items():
-            rows = rows.get("rounds", rows) if isinstance(rows, dict) else rows
-            norms = [r.get("noise_norm") for r in rows if r.get("noise_norm") is not None]
-            loss = [r.get("loss") for r in rows if r.get("loss") is not None]
-            if norms:
-                axes[0].plot([n / norms[0] for n in norms], marker="o", label=name)
-            if loss:
-                axes[1].plot([v / loss[0] for v in loss], marker=".", label=name)
-        axes[0].set(title="noise norm / start (NS-style runs)", xlabel="round")
-        axes[1].set(title="training loss / start", xlabel="round")
-        for a in axes:
-            a.grid(alpha=.3)
-        axes[1].legend(fontsize=6)
-        fig.tight_layout()
+        import matplotlib.pyplot as plt
         from ..io import atomic_savefig
         try:
             return atomic_savefig(fig, self.out / "training_curves.png", dpi=110)
@@ -452,7 +341,7 @@ class Comparison:
 
     def register_models(self) -> List[str]:
         """Register every checkpoint as a timm model ``ns_<config>_<run>`` (and robustbench's form)."""
-        from ..registry import register_checkpoint
+        from ..integrations.timm import register_checkpoint
         names = []
         for run in self.cfg["runs"]:
             ck = self.out / "checkpoints" / f"{_slug(run['name'])}.pth"
@@ -534,37 +423,11 @@ def _bench_cache() -> Path:
     return cache_dir() / "bench"
 
 
-def _arch(cfg: Dict[str, Any]) -> str:
-    return "ns_vit_digits" if cfg["model"] == "default" else cfg["model"]
-
-
 def _load(ck: Path):
-    from ..checkpoint import load_into, read_checkpoint
-    from ..models import build_default_model
-    ckpt = read_checkpoint(ck)
-    arch = ckpt["meta"].get("arch")
-    if arch == "ns_vit_digits":
-        model = build_default_model()
-    else:
-        import timm
-        from ..models import wrap
-        k = ckpt["state_dict"]["1.head.weight"].shape[0]
-        model = wrap(timm.create_model(arch, pretrained=False, num_classes=k), [0.0] * 3, [1.0] * 3)
-    return load_into(model, ckpt["state_dict"], source=str(ck)).eval()
+    from ..models import create_model
+    return create_model(ck).eval()
 
 
-def _pct(v: Optional[float]) -> str:
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
-
-
-def _write_csv(path: Path, header: List[str], rows: List[List[Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows(rows)
-    _write_text(path, buf.getvalue())
-
-
-def run_comparison(cfg: Dict[str, Any], out: os.PathLike, *, progress: bool = True, log=print) -> Dict[str, Any]:
+def run_comparison(cfg: Dict[str, Any], out: os.PathLike, *, progress: bool = True, log=None) -> Dict[str, Any]:
     """Run (or resume) a comparison into ``out``; returns the tables text and the summary."""
     return Comparison(cfg, out, progress=progress, log=log).run()

@@ -8,7 +8,7 @@ Two engines read the same folders and compute the same top-1 accuracy:
 * ``"fast"``: the folder's PNGs are decoded once and kept in memory, then the model runs in batches. Used by
   the demo for the 75 corruption folders; a test checks it agrees with EasyRobust's evaluator.
 
-The paper's average (seed 001 §5.2, Table 2): the mean over all reported settings, with ImageNet-C entering
+The paper's average (arXiv:2403.10476 §5.2, Table 2): the mean over all reported settings, with ImageNet-C entering
 as ``100 - mCE``.
 """
 from __future__ import annotations
@@ -48,15 +48,11 @@ def folder_tensors(path) -> Tuple[torch.Tensor, torch.Tensor]:
     return _folder_tensors(str(Path(path).resolve()))
 
 
-@torch.no_grad()
 def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy in percent."""
+    """Top-1 accuracy in percent (:func:`ns_plugin.models.accuracy` x 100), model left in eval mode."""
+    from ..models import accuracy
     model.eval()
-    dev = next(model.parameters()).device
-    correct = 0
-    for i in range(0, len(x), batch_size):
-        correct += (model(x[i:i + batch_size].to(dev)).argmax(1).cpu() == y[i:i + batch_size]).sum().item()
-    return 100.0 * correct / max(1, len(y))
+    return 100.0 * accuracy(model, x, y, batch_size)
 
 
 def _quiet(fn: Callable, *args, **kw):
@@ -126,7 +122,7 @@ def attack_accuracy(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, 
 
 
 def paper_average(row: Mapping[str, Optional[float]], columns: Iterable[str]) -> Optional[float]:
-    """Seed 001 §5.2: average over the given columns that have a value, with ``"C"`` (an mCE, lower is
+    """arXiv:2403.10476 §5.2: average over the given columns that have a value, with ``"C"`` (an mCE, lower is
     better) entering as ``100 - mCE``."""
     vals = []
     for c in columns:

@@ -1,13 +1,13 @@
 """Algebra of the ε-approximate nullspace and noise transfer.
 
 * :func:`scale_influence` -- influence (MSE probability, prediction match) of ``α·v`` for a range of α
-  (seed 001, §5.6, Fig. 5(a)).
+  (arXiv:2403.10476, §5.6, Fig. 5(a)).
 * :func:`convex_grid` -- influence of ``α1·v_i + α2·v_j`` on an α grid in [0, 1]^2, averaged over pairs of
-  learnt noises (seed 001, §5.6, Fig. 5(b)); :func:`plot_convex_grid` draws it as a heatmap with the ε
+  learnt noises (arXiv:2403.10476, §5.6, Fig. 5(b)); :func:`plot_convex_grid` draws it as a heatmap with the ε
   contour, :func:`plot_scale_influence` the α curve (matplotlib, Agg backend, atomic writes).
 * :func:`learn_noises` -- m noises from different random inits (the set ``V`` of §5.6).
 * :func:`transfer_noise` -- apply a noise learnt on one model to another with the same token shape and
-  report its quality there (seed 000, §5.3, Fig. 3(c)).
+  report its quality there (OpenReview:d8VrVfNARSy, §5.3, Fig. 3(c)).
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from ..errors import NSPluginError
-from .approximate import (_delta, _eval_logits, _generator, _validate_noise, frozen, noise_quality,
-                          search_noise)
+from ._common import _generator, frozen
+from .metrics import _eval_logits, _validate_noise, mse_prob, noise_quality
+from .search import search_noise
 
 __all__ = ["learn_noises", "scale_influence", "convex_grid", "plot_scale_influence", "plot_convex_grid",
            "transfer_noise"]
@@ -41,7 +42,7 @@ def _as_list(noises: NoiseSet) -> List[torch.Tensor]:
 
 def learn_noises(model: nn.Module, data, m: int = 4, *, seed: int = 0, **search_kwargs) -> List[torch.Tensor]:
     """``m`` ε-approximate noises from different random inits (generators ``seed .. seed+m-1``), the set
-    ``V = {v_i}`` of seed 001 §5.6 (m = 100 there).  ``search_kwargs`` go to :func:`search_noise`."""
+    ``V = {v_i}`` of arXiv:2403.10476 §5.6 (m = 100 there).  ``search_kwargs`` go to :func:`search_noise`."""
     if not isinstance(m, int) or m < 1:
         raise NSPluginError(f"m must be a positive integer, got {m!r}")
     return [search_noise(model, data, generator=seed + i, **search_kwargs)[0] for i in range(m)]
@@ -49,11 +50,11 @@ def learn_noises(model: nn.Module, data, m: int = 4, *, seed: int = 0, **search_
 
 def scale_influence(model: nn.Module, noises: NoiseSet, x: torch.Tensor,
                     alphas: Optional[Sequence[float]] = None, *, batch_size: int = 256) -> Dict[str, list]:
-    """Mean influence of ``α·v`` over the noises, for each α (seed 001 Fig. 5(a)).
+    """Mean influence of ``α·v`` over the noises, for each α (arXiv:2403.10476 Fig. 5(a)).
 
     Returns ``{"alphas", "mse_prob", "pred_match"}`` (lists aligned with ``alphas``; MSE probability and
     % of unchanged predictions averaged over the noises).  Default α: 0, 0.1, ..., 2."""
-    from ..anatomy import strip_parallel
+    from ..models import strip_parallel
     from ..models import check_images
     net = strip_parallel(model)
     check_images(x, net)
@@ -67,7 +68,7 @@ def scale_influence(model: nn.Module, noises: NoiseSet, x: torch.Tensor,
         for v in vs:
             clean, noisy = _eval_logits(net, x, [a * v for a in alphas], batch_size)
             for k, z in enumerate(noisy):
-                mse[k] += float(_delta(z, clean))
+                mse[k] += float(mse_prob(z, clean))
                 match[k] += 100.0 * float((z.argmax(1) == clean.argmax(1)).float().mean())
     return dict(alphas=alphas, mse_prob=(mse / len(vs)).tolist(), pred_match=(match / len(vs)).tolist())
 
@@ -75,11 +76,11 @@ def scale_influence(model: nn.Module, noises: NoiseSet, x: torch.Tensor,
 def convex_grid(model: nn.Module, noises: NoiseSet, x: torch.Tensor, *, pairs: int = 10, step: float = 0.1,
                 generator=None, batch_size: int = 256) -> Dict[str, list]:
     """MSE probability of ``α1·v_i + α2·v_j`` for α1, α2 in ``0, step, ..., 1``, averaged over ``pairs``
-    random pairs ``(i, j)``, i != j, of the noises (seed 001 Fig. 5(b); step 0.1, 10 pairs there).
+    random pairs ``(i, j)``, i != j, of the noises (arXiv:2403.10476 Fig. 5(b); step 0.1, 10 pairs there).
 
     Returns ``{"alphas", "grid", "pairs"}`` where ``grid[a][b]`` is the mean MSE probability at
     ``α1 = alphas[a]``, ``α2 = alphas[b]``."""
-    from ..anatomy import strip_parallel
+    from ..models import strip_parallel
     from ..models import check_images
     net = strip_parallel(model)
     check_images(x, net)
@@ -103,7 +104,7 @@ def convex_grid(model: nn.Module, noises: NoiseSet, x: torch.Tensor, *, pairs: i
             combos = [a1 * vs[i] + a2 * vs[j] for a1 in alphas for a2 in alphas]
             clean, noisy = _eval_logits(net, x, combos, batch_size)
             for k, z in enumerate(noisy):
-                grid[k // len(alphas), k % len(alphas)] += float(_delta(z, clean))
+                grid[k // len(alphas), k % len(alphas)] += float(mse_prob(z, clean))
     return dict(alphas=alphas, grid=(grid / len(chosen)).tolist(), pairs=chosen)
 
 
@@ -139,7 +140,7 @@ def plot_scale_influence(result: Dict[str, list], path: Union[str, os.PathLike],
 def plot_convex_grid(result: Dict[str, list], path: Union[str, os.PathLike], *, eps: Optional[float] = None
                      ) -> Path:
     """Heatmap of :func:`convex_grid` (α1 rows, α2 columns) with the ε contour and the α1 + α2 = 1 line
-    (seed 001 Fig. 5(b)), written atomically to ``path`` (PNG)."""
+    (arXiv:2403.10476 Fig. 5(b)), written atomically to ``path`` (PNG)."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -166,10 +167,11 @@ def plot_convex_grid(result: Dict[str, list], path: Union[str, os.PathLike], *, 
 
 def transfer_noise(noise: torch.Tensor, target: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor] = None, *,
                    generator=None, batch_size: int = 256) -> Dict[str, float]:
-    """Quality (:func:`noise_quality`) of a noise learnt on one model when applied to ``target`` (seed 000
+    """Quality (:func:`noise_quality`) of a noise learnt on one model when applied to ``target`` (OpenReview:d8VrVfNARSy
     §5.3, Fig. 3(c)).  Encoder-level noise needs the same ``(N_patches, D)`` token shape, input-level noise
     the same image shape; otherwise a one-line :class:`NSPluginError` names both shapes."""
-    from ..anatomy import strip_parallel, token_shape
+    from ..anatomy import token_shape
+    from ..models import strip_parallel
     if isinstance(noise, torch.Tensor) and noise.dim() == 3:
         want = (1, *token_shape(strip_parallel(target)))
         if tuple(noise.shape) != want:

@@ -1,4 +1,4 @@
-"""Exact nullspace of a ViT's patch embedding (seed 001 §3.1, Eq. 2 and Table 1; seed 000 §3).
+"""Exact nullspace of a ViT's patch embedding (arXiv:2403.10476 §3.1, Eq. 2 and Table 1; OpenReview:d8VrVfNARSy §3).
 
 A patch embedding with kernel == stride and no padding applies one linear map ``W: R^{c·rh·rw} -> R^d`` to
 every patch independently. When ``c·rh·rw > d`` (rank-nullity) it has a non-trivial nullspace, and any
@@ -19,7 +19,7 @@ one returned (``space="pixel"``). ``space="normalized"`` gives the nullspace of 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ def find_patch_projection(model: nn.Module) -> Tuple[str, nn.Conv2d]:
     if pe is not None and getattr(pe, "backbone", None) is not None:
         raise NSPluginError(f"{type(core).__name__} is a hybrid ViT: its patch embedding runs a CNN backbone "
                             f"first, so the exact patch-embedding nullspace is not defined; use the approximate "
-                            f"(input-level) noise generator in ns_plugin.nullspace.approximate instead")
+                            f"(input-level) noise generator in ns_plugin.nullspace.search instead")
     if pe is not None and isinstance(getattr(pe, "proj", None), nn.Conv2d):
         conv, name = pe.proj, "patch_embed.proj"
     elif isinstance(getattr(core, "stem", None), nn.Sequential) and isinstance(core.stem[0], nn.Conv2d):
@@ -55,14 +55,14 @@ def find_patch_projection(model: nn.Module) -> Tuple[str, nn.Conv2d]:
     if conv is None:
         raise NSPluginError(f"{type(core).__name__} has no convolutional patch projection, so the exact "
                             f"patch-embedding nullspace is not defined; use the approximate (input-level) noise "
-                            f"generator in ns_plugin.nullspace.approximate instead")
+                            f"generator in ns_plugin.nullspace.search instead")
     k, s = tuple(conv.kernel_size), tuple(conv.stride)
     pad = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
     if k != s or pad not in ((0, 0), "valid") or tuple(conv.dilation) != (1, 1) or conv.groups != 1:
         raise NSPluginError(f"{type(core).__name__}'s first layer {name} is an overlapping convolution "
                             f"(kernel {k}, stride {s}, padding {pad}): patches share pixels, so the exact "
                             f"patch-embedding nullspace is not defined; use the approximate (input-level) noise "
-                            f"generator in ns_plugin.nullspace.approximate instead")
+                            f"generator in ns_plugin.nullspace.search instead")
     return name, conv
 
 
@@ -98,6 +98,24 @@ class PatchNullspace:
     @property
     def rank(self) -> int:
         return self.input_dim - self.nullity
+
+    def to_dict(self) -> Dict[str, object]:
+        """The basis and patch geometry as plain tensors/ints (``torch.save`` + ``weights_only`` loading work);
+        what a saved nullspace fingerprint holds."""
+        return {"basis": self.basis.clone(), "patch_size": list(self.patch_size), "in_chans": self.in_chans,
+                "embed_dim": self.embed_dim, "layer": self.layer}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, object]) -> "PatchNullspace":
+        """Inverse of :meth:`to_dict` (the embedding weight is not stored: ``weight`` is empty)."""
+        try:
+            basis = torch.as_tensor(d["basis"], dtype=torch.float64)
+            return cls(basis=basis, weight=torch.zeros(0, basis.shape[1], dtype=torch.float64),
+                       singular_values=torch.zeros(0, dtype=torch.float64), tol=float("nan"),
+                       patch_size=tuple(int(v) for v in d["patch_size"]), in_chans=int(d["in_chans"]),
+                       embed_dim=int(d["embed_dim"]), layer=str(d.get("layer", "")))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise NSPluginError(f"not a nullspace fingerprint ({e}); make one with fingerprint(model)") from None
 
     def __repr__(self) -> str:
         return (f"PatchNullspace(nullity={self.nullity}, input_dim={self.input_dim}, embed_dim={self.embed_dim}, "
@@ -157,7 +175,7 @@ class PatchNullspace:
         """
         if self.nullity == 0:
             raise NSPluginError("the patch embedding is full rank (nullity 0): there is no exact nullspace noise; "
-                                "use the approximate generator in ns_plugin.nullspace.approximate")
+                                "use the approximate generator in ns_plugin.nullspace.search")
         gh, gw = self._grid(image_size)
         shape = (n, gh * gw if per_patch else 1, self.nullity)
         coeffs = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
@@ -188,14 +206,78 @@ class PatchNullspace:
         """
         x = x.unsqueeze(0) if x.dim() == 3 else x
         v = v.unsqueeze(0) if v.dim() == 3 else v
-        v = v.expand_as(x)
-        up = torch.where(v > 0, (1 - x) / v.clamp_min(1e-30), torch.full_like(x, float("inf")))
-        down = torch.where(v < 0, x / (-v).clamp_min(1e-30), torch.full_like(x, float("inf")))
-        return torch.minimum(up, down).flatten(1).min(1).values.clamp_min(0)
+        return box_scale(x, v.expand_as(x))
+
+
+def solve_channels(ns: "PatchNullspace", source: torch.Tensor, target: torch.Tensor, *,
+                   channels: Sequence[int] = (0,), objective: str = "embedding", box: bool = False,
+                   iters: int = 100, rcond: Optional[float] = None) -> torch.Tensor:
+    """Targeted noise with free channels ("Nullspace of Vision Transformers and what does it tell us?",
+    appendix A.3): the output takes the target's values in every channel except ``channels`` (default red
+    only), which are solved, patch by patch, so that the output matches the source as seen by the patch
+    embedding. The one implementation behind ``TargetedNullspace(channels="red")`` and
+    ``nullspace_transform(mode="channels")``.
+
+    ``objective="embedding"`` minimises ``||W (out - source)||`` (W: the patch embedding);
+    ``"nullspace"`` the distance of ``out - source`` to the nullspace (Eq. 7's residual). The unconstrained
+    solution is the least-squares one closest to the target: ``z = t_free + pinv(A_free) A (s - t)`` (``rcond``:
+    relative cut-off of the pseudo-inverse). ``box=True`` keeps the solved channels in [0, 1] (box-constrained
+    least squares by FISTA, ``iters`` steps, started from the clamped unconstrained solution). Not exact in
+    general: with ``d`` embedding dims and ``|free|`` pixels per patch the system has ``d`` equations in
+    ``|free|`` unknowns. Returns the output image in float64.
+    """
+    c, (rh, rw) = ns.in_chans, ns.patch_size
+    chans = sorted(set(int(ch) for ch in channels))
+    if not chans or chans[0] < 0 or chans[-1] >= c:
+        raise NSPluginError(f"channels must be a non-empty subset of 0..{c - 1}, got {tuple(channels)}")
+    if objective not in ("embedding", "nullspace"):
+        raise NSPluginError(f"objective must be 'nullspace' or 'embedding', got {objective!r}")
+    if rcond is not None and not 0 <= rcond < 1:
+        raise NSPluginError(f"rcond must be in [0, 1), got {rcond}")
+    s64, t64 = source.to(torch.float64), target.to(torch.float64)
+    dev = s64.device
+    w = ns.weight.to(dev, torch.float64)
+    if objective == "embedding":
+        a = w                                               # (d, c·r²): the patch embedding itself
+    else:                                                   # orthonormal basis of the row space
+        a = torch.linalg.svd(w, full_matrices=True)[2][:ns.input_dim - ns.nullity]
+    basis = ns.basis.to(dev, torch.float64)
+    if basis.numel():
+        a = a - (a @ basis.T) @ basis                       # exact orthogonality to the computed nullspace
+    free = torch.cat([torch.arange(ch * rh * rw, (ch + 1) * rh * rw) for ch in chans]).to(dev)
+    a_free = a[:, free]
+    ps, pt = ns.to_patches(s64), ns.to_patches(t64)         # (N, P, c·r²)
+    z = pt[..., free] + ((ps - pt) @ a.T) @ torch.linalg.pinv(a_free, rtol=rcond).T
+    if box:
+        rhs = pt[..., free] @ a_free.T + (ps - pt) @ a.T    # want a_free · z = rhs
+        lip = max(float(torch.linalg.matrix_norm(a_free, ord=2)) ** 2, 1e-12)
+        ata, atb = a_free.T @ a_free, rhs @ a_free
+        z = z.clamp(0, 1)
+        y, zp, tk = z.clone(), z.clone(), 1.0
+        for _ in range(int(iters)):  # FISTA on 0.5·||a_free z - rhs||² over the box [0, 1]
+            zn = (y - (y @ ata - atb) / lip).clamp(0, 1)
+            tn = (1 + (1 + 4 * tk * tk) ** 0.5) / 2
+            y = zn + ((tk - 1) / tn) * (zn - zp)
+            zp, tk = zn, tn
+        z = zp
+    out = pt.clone()
+    out[..., free] = z
+    return ns.from_patches(out, tuple(s64.shape[-2:]))
+
+
+def box_scale(x: torch.Tensor, v: torch.Tensor, *, start_dim: int = 1, tiny: float = 1e-30) -> torch.Tensor:
+    """The one "largest scale that keeps an image in [0, 1]": the largest ``s >= 0`` with ``x + s·v`` inside
+    [0, 1], taken over the dimensions from ``start_dim`` on (``inf`` where ``v`` is 0 there). ``x`` and ``v``
+    have the same shape. Used per image (:meth:`PatchNullspace.max_scale`), per patch (the attacks) and per
+    patch row (the watermark solvers)."""
+    inf = torch.full_like(x, float("inf"))
+    up = torch.where(v > 0, (1 - x) / v.clamp_min(tiny), inf)
+    down = torch.where(v < 0, x / (-v).clamp_min(tiny), inf)
+    return torch.minimum(up, down).flatten(start_dim).min(-1).values.clamp_min(0)
 
 
 def exact_nullspace(model: nn.Module, *, tol: Optional[float] = None, space: str = "pixel") -> PatchNullspace:
-    """Compute the patch-embedding nullspace of ``model`` by SVD (seed 001 §3.1, Table 1).
+    """Compute the patch-embedding nullspace of ``model`` by SVD (arXiv:2403.10476 §3.1, Table 1).
 
     Args:
         model: a timm ViT-style model, optionally ``Sequential(Normalize, model)``; DDP wrappers are fine.
@@ -301,7 +383,7 @@ def table1(names: Iterable[str], *, progress: bool = False) -> List[Dict[str, ob
     return rows
 
 
-#: The rows of the paper's Table 1 (seed 001) as timm names, with the nullity the paper reports.
+#: The rows of the paper's Table 1 (arXiv:2403.10476) as timm names, with the nullity the paper reports.
 PAPER_TABLE1 = {
     "vit_tiny_patch16_224": 576, "vit_small_patch32_224": 2688, "vit_small_patch16_224": 384,
     "vit_base_patch32_224": 2304, "vit_base_patch16_224": 2, "vit_base_patch8_224": 0,
@@ -311,8 +393,8 @@ PAPER_TABLE1 = {
 
 def figure2(model: nn.Module, out, *, x: Optional[torch.Tensor] = None, scale: Optional[float] = None,
             n: int = 4, seed: int = 0) -> Dict[str, object]:
-    """Fig. 2 of seed 001 / Fig. 1 of 000: image, nullspace noise, noisy image and the predictions, for ``n``
-    images (default: digits test images). Writes a PNG atomically and returns the measured numbers.
+    """Fig. 2 of arXiv:2403.10476 / Fig. 1 of OpenReview:d8VrVfNARSy: image, nullspace noise, noisy image and
+    the predictions, for ``n`` images (default: digits test images). Writes a PNG atomically and returns the measured numbers.
 
     ``scale`` is the coefficient scale of :meth:`PatchNullspace.sample`; by default it gives a per-pixel noise
     std of 0.1. The model sees ``x + v`` unclipped (exact invariance); the figure also reports the prediction on

@@ -5,7 +5,7 @@ EasyRobust's (and timm's) ``train.py`` parse ``--config FILE`` first, feed the Y
 file, which beats the built-in default. :func:`parse_config` does the same, but refuses YAML keys that no
 flag knows (a typo would otherwise be silently ignored) and validates the ranges.
 
-Defaults follow the papers: seed ``001`` appendix C (K = 20 rounds, S = 40 model steps per round,
+Defaults follow the papers: seed ``arXiv:2403.10476`` appendix C (K = 20 rounds, S = 40 model steps per round,
 ε = 0.03, lim = 3, noise lr 0.1, at most 3000 noise steps, AdamW lr 1e-5, cosine schedule, batch 128)
 and ``NOTES.md`` on the reference code (weight decay 0.05, EMA 0.9998, PGD 8/255, 2/255, 10 steps).
 """
@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Optional, Sequence
 
 from ..errors import NSPluginError
 
@@ -23,8 +23,8 @@ from ..errors import NSPluginError
 @dataclass
 class TrainConfig:
     """Every knob of :func:`ns_plugin.training.train`. Field comments name the paper setting."""
-    # --- method and schedule (001 Alg. 1 / App. C)
-    method: str = "ns"                 #: registered trainer name (``ns_plugin.registry.trainers``)
+    # --- method and schedule (arXiv:2403.10476 Alg. 1 / App. C)
+    method: str = "ns"                 #: registered trainer name (``ns_plugin._registry.trainers``)
     rounds: int = 20                   #: K outer rounds (checkpoint/log boundary for every method)
     steps_per_round: int = 40          #: S model steps per round
     batch_size: int = 128              #: global batch (split over DDP ranks)
@@ -32,24 +32,24 @@ class TrainConfig:
     weight_decay: float = 0.05
     sched: str = "cosine"              #: "cosine" (over all K*S steps) or "constant"
     clip_grad: Optional[float] = None  #: max gradient norm, None = no clipping
-    model_ema: bool = False            #: keep an EMA copy of the weights (used for DAT+NS in 001 App. C)
+    model_ema: bool = False            #: keep an EMA copy of the weights (used for DAT+NS in arXiv:2403.10476 App. C)
     model_ema_decay: float = 0.9998
     amp: bool = False                  #: mixed precision on CUDA (the noise search stays fp32)
     seed: int = 0
     world_size: Optional[int] = None   #: expected DDP world size (None = whatever torchrun gives)
-    # --- nullspace noise search (001 Eq. 6-8, Alg. 1 lines 3-14)
+    # --- nullspace noise search (arXiv:2403.10476 Eq. 6-8, Alg. 1 lines 3-14)
     eps: float = 0.03                  #: ε threshold on the "MSE probability"
     lim: float = 3.0                   #: initial noise ~ U(-lim, lim)
     noise_lr: float = 0.1
     noise_max_steps: int = 3000        #: T, the cap on noise steps per round
-    search: str = "fast"               #: "fast" or "faithful" (see ns_plugin.nullspace.approximate)
+    search: str = "fast"               #: "fast" or "faithful" (see ns_plugin.nullspace.search)
     search_batch_size: int = 128       #: minibatch size of the noise search (B = 128, a fresh batch per step)
     warm_start: Optional[bool] = None  #: start each round's search from the previous noise (expanded, then
                                        #: descended); None = True for search "fast", False for "faithful"
                                        #: (Alg. 1 line 3: fresh U(-lim, lim) every round)
-    # --- random-noise ablation (001 Table 4)
+    # --- random-noise ablation (arXiv:2403.10476 Table 4)
     random_norm: Optional[float] = None  #: fixed norm of the random noise; None = this round's learnt norm
-    # --- PGD baselines (001 Table 3)
+    # --- PGD baselines (arXiv:2403.10476 Table 3)
     pgd_eps: float = 8 / 255
     pgd_alpha: float = 2 / 255
     pgd_steps: int = 10
@@ -78,8 +78,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise :class:`NSPluginError` for out-of-range values (one line, naming the fix)."""
-        from ..registry import trainers
-        from . import methods as _m  # noqa: F401  (registers the methods)
+        from .._registry import trainers  # filled by ns_plugin.training (imported before this module)
         trainers.get(self.method)
 
         def num(name, lo, hi, lo_open=True, hi_open=False):

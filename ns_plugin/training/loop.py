@@ -1,7 +1,7 @@
-"""The one training loop shared by every method (001 Alg. 1's outer structure for all of them).
+"""The one training loop shared by every method (arXiv:2403.10476 Alg. 1's outer structure for all of them).
 
 ``K`` rounds of ``S`` model steps. At the start of each round the method may compute a per-round
-quantity (NS: the ε-approximate noise of 001 Eq. 8); every step it supplies its loss; the loop does the
+quantity (NS: the ε-approximate noise of arXiv:2403.10476 Eq. 8); every step it supplies its loss; the loop does the
 rest: AdamW + cosine schedule, AMP on CUDA, gradient clipping, model EMA, DDP, per-round logging and
 an atomic resumable checkpoint at every round boundary.
 
@@ -18,14 +18,7 @@ reproduces an uninterrupted run exactly on CPU.
 from __future__ import annotations
 
 import contextlib
-import copy
-import csv
-import hashlib
-import io
-import json
-import math
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -34,125 +27,11 @@ import torch
 from torch import nn
 
 from ..errors import NSPluginError
+from ..evaluation.report import plot_log, write_log
 from .config import TrainConfig
-
-CHECKPOINT_FORMAT = "ns_plugin.train.v1"
-#: Config keys that must not change when a run is resumed (they define the data order and schedule).
-RESUME_FIXED = ("model", "data", "batch_size", "steps_per_round", "rounds", "seed", "train_limit", "sched")
-
-
-# ---------------------------------------------------------------------------------------------------
-# small pieces
-# ---------------------------------------------------------------------------------------------------
-class ModelEma:
-    """Exponential moving average of a model's weights (float tensors; other buffers are copied)."""
-
-    def __init__(self, model: nn.Module, decay: float = 0.9998):
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        src = model.state_dict()
-        for k, v in self.module.state_dict().items():
-            s = src[k].detach()
-            if v.dtype.is_floating_point:
-                v.mul_(self.decay).add_(s.to(v.dtype), alpha=1 - self.decay)
-            else:
-                v.copy_(s)
-
-
-def architecture_signature(model: nn.Module) -> str:
-    """A short hash of the state-dict keys and shapes: equal for the same architecture."""
-    from ..checkpoint import state_dict_of
-
-    sd = state_dict_of(model)
-    text = ";".join(f"{k}:{tuple(v.shape)}" for k, v in sorted(sd.items()))
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
-
-
-class BatchStream:
-    """Deterministic, resumable order of training indices: epochs of seeded permutations concatenated;
-    global batch ``i`` is positions ``[i*B, (i+1)*B)`` of that sequence, and rank ``r`` of ``W`` takes
-    the ``r``-th slice of it. The state is a single counter."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.local = batch_size // world
-        self.batches = 0
-        self._perms: Dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 7_919 + epoch)
-            self._perms = {epoch: torch.randperm(self.n, generator=g)}
-        return self._perms[epoch]
-
-    def next(self) -> torch.Tensor:
-        start = self.batches * self.batch_size + self.rank * self.local
-        pos = torch.arange(start, start + self.local)
-        out = torch.empty(self.local, dtype=torch.long)
-        for e in pos.div(self.n, rounding_mode="floor").unique().tolist():
-            m = pos.div(self.n, rounding_mode="floor") == e
-            out[m] = self._perm(int(e))[pos[m] % self.n]
-        self.batches += 1
-        return out
-
-
-def _rng_state(device: torch.device) -> Dict[str, Any]:
-    import numpy as np
-
-    py = random.getstate()
-    npst = np.random.get_state()
-    st = {"torch": torch.get_rng_state(),
-          "python": torch.tensor(list(py[1]), dtype=torch.int64), "python_version": int(py[0]),
-          "numpy": torch.from_numpy(npst[1].astype("int64")), "numpy_pos": int(npst[2]),
-          "numpy_has_gauss": int(npst[3]), "numpy_gauss": float(npst[4])}
-    if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state(device)
-    return st
-
-
-def _set_rng_state(st: Dict[str, Any], device: torch.device) -> None:
-    import numpy as np
-
-    torch.set_rng_state(st["torch"].to(torch.uint8).cpu())
-    random.setstate((st["python_version"], tuple(int(v) for v in st["python"].tolist()), None))
-    np.random.set_state(("MT19937", st["numpy"].numpy().astype("uint32"), st["numpy_pos"],
-                         st["numpy_has_gauss"], st["numpy_gauss"]))
-    if device.type == "cuda" and "cuda" in st:
-        torch.cuda.set_rng_state(st["cuda"].cpu(), device)
-
-
-def _seed_everything(seed: int) -> None:
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-# ---------------------------------------------------------------------------------------------------
-# distributed
-# ---------------------------------------------------------------------------------------------------
-def init_distributed() -> Tuple[int, int, torch.device]:
-    """``(rank, world_size, device)``. Under ``torchrun`` (``WORLD_SIZE`` > 1) initialises the process group:
-    NCCL on CUDA, gloo otherwise. Outside it: ``(0, 1, cuda:0 or cpu)``."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    if world > 1:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if cuda:
-            torch.cuda.set_device(local)
-        if not dist.is_initialized():
-            from datetime import timedelta
-            # the other ranks wait in a broadcast while rank 0 searches the noise (up to 3000 steps)
-            dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(hours=2))
-        return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
-    return 0, 1, torch.device("cuda:0" if cuda else "cpu")
-
+from .distributed import init_distributed, search_and_broadcast
+from .state import (CHECKPOINT_FORMAT, RESUME_FIXED, BatchStream, ModelEma, architecture_signature,  # noqa: F401
+                    rng_state, seed_everything, set_rng_state)
 
 # ---------------------------------------------------------------------------------------------------
 # model and data
@@ -160,34 +39,10 @@ def init_distributed() -> Tuple[int, int, torch.device]:
 def build_model(cfg: TrainConfig, progress: bool = False) -> nn.Module:
     """``Sequential(Normalize, net)`` named by ``cfg.model`` ("default" = the cached trained tiny ViT, or a
     timm model name), optionally loaded from ``cfg.checkpoint``."""
-    from ..checkpoint import load_into, read_checkpoint
-    from ..models import build_default_model, wrap
+    from ..models import create_model
 
-    if cfg.model == "default":
-        if cfg.checkpoint:
-            model = build_default_model(num_classes=cfg.num_classes or 10)
-        else:
-            from ..embedded import default_model
-            model = copy.deepcopy(default_model(progress=progress)[0])
-            if cfg.num_classes not in (None, 10):
-                raise NSPluginError(f"the embedded default model has 10 classes, not {cfg.num_classes}; "
-                                    f"drop num_classes or use a timm model name")
-    else:
-        import timm
-        try:
-            kw = {"num_classes": cfg.num_classes} if cfg.num_classes else {}
-            net = timm.create_model(cfg.model, pretrained=cfg.pretrained, **kw)
-        except RuntimeError as e:
-            raise NSPluginError(f"cannot create timm model {cfg.model!r}: {str(e).splitlines()[0][:120]}") from None
-        except Exception as e:  # noqa: BLE001 (download failures come in many types)
-            raise NSPluginError(f"cannot create timm model {cfg.model!r} ({type(e).__name__}); pretrained "
-                                f"weights need network access once") from None
-        dc = getattr(net, "pretrained_cfg", {}) or {}
-        model = wrap(net, dc.get("mean", (0.485, 0.456, 0.406)), dc.get("std", (0.229, 0.224, 0.225)))
-    if cfg.checkpoint:
-        ckpt = read_checkpoint(cfg.checkpoint)
-        load_into(model, ckpt["state_dict"], source=f"checkpoint {cfg.checkpoint}")
-    return model
+    return create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained,
+                        num_classes=cfg.num_classes, progress=progress)
 
 
 def build_data(cfg: TrainConfig, model: nn.Module):
@@ -228,49 +83,6 @@ def _fetch(ds, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([a for a, _ in items]), torch.tensor([int(b) for _, b in items])
 
 
-def search_and_broadcast(raw: nn.Module, data, cfg: TrainConfig, rnd: int, *,
-                         init: Optional[torch.Tensor] = None, world: int = 1, rank: int = 0,
-                         device: Optional[torch.device] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
-    """Run ``ns_plugin.nullspace.approximate.search_noise`` on rank 0 (fp32, eval mode, unwrapped model,
-    init seeded by ``(cfg.seed, rnd)``) and ``dist.broadcast`` the noise and its statistics to every rank.
-
-    Returns ``(noise (1, N, D), {"noise_steps", "mse_prob", "noise_norm", "reached", "search_seconds"})``;
-    every rank gets the identical noise. ``data`` (images tensor, Dataset or iterable of batches, drawn in
-    minibatches of ``cfg.search_batch_size``) is only used (and needed) on rank 0."""
-    from ..anatomy import token_shape
-
-    device = device or next(raw.parameters()).device
-    n, d = token_shape(raw)
-    stats = torch.zeros(5, dtype=torch.float64, device=device)
-    if rank == 0:
-        from ..nullspace.approximate import search_noise
-
-        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + rnd * 101 + 1) % (2 ** 63))
-        was = raw.training
-        raw.eval()
-        try:
-            with torch.autocast(device.type, enabled=False):
-                noise, rec = search_noise(raw, data, eps=cfg.eps, lim=cfg.lim, lr=cfg.noise_lr,
-                                          max_steps=cfg.noise_max_steps, init=init, mode=cfg.search,
-                                          batch_size=cfg.search_batch_size, generator=g, progress=False)
-        finally:
-            raw.train(was)
-            for p in raw.parameters():
-                p.grad = None
-        noise = noise.detach().float().reshape(1, n, d).to(device)
-        stats = torch.tensor([rec.steps, rec.mse_prob, rec.norm, float(bool(rec.reached)), rec.seconds],
-                             dtype=torch.float64, device=device)
-    else:
-        noise = torch.zeros(1, n, d, device=device)
-    if world > 1:
-        import torch.distributed as dist
-        dist.broadcast(noise, 0)
-        dist.broadcast(stats, 0)
-    s = stats.tolist()
-    return noise, {"noise_steps": int(s[0]), "mse_prob": s[1], "noise_norm": s[2], "reached": bool(s[3]),
-                   "search_seconds": s[4]}
-
-
 # ---------------------------------------------------------------------------------------------------
 # the trainer
 # ---------------------------------------------------------------------------------------------------
@@ -283,8 +95,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, out: Optional[os.PathLike] = None, *, model: Optional[nn.Module] = None,
                  train_set=None, probe=None, resume: bool = False):
-        from ..registry import trainers
-        from . import methods as _m  # noqa: F401
+        from .._registry import trainers
 
         self.cfg = cfg.validate()
         self.out = Path(out) if out is not None else None
@@ -314,7 +125,7 @@ class Trainer:
         elif resume:
             raise NSPluginError("resume needs an output folder (--out DIR)")
 
-        _seed_everything(cfg.seed + self.rank)
+        seed_everything(cfg.seed + self.rank)
         raw = model if model is not None else build_model(cfg, progress=cfg.progress and self.is_main)
         self.arch = architecture_signature(raw)
         if ckpt is not None:
@@ -361,14 +172,14 @@ class Trainer:
         return _fetch(self.train_set, idx)[0].to(self.device)
 
     def search_data(self):
-        """What the noise search draws its minibatches from: the training images (001 Alg. 1 line 5)."""
+        """What the noise search draws its minibatches from: the training images (arXiv:2403.10476 Alg. 1 line 5)."""
         from torch.utils.data import TensorDataset
         if isinstance(self.train_set, TensorDataset):
             return self.train_set.tensors[0]
         return self.train_set
 
     def find_noise(self, rnd: int, init: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
-        """The ε-approximate noise for round ``rnd`` (001 Eq. 8), each search step on a fresh minibatch of
+        """The ε-approximate noise for round ``rnd`` (arXiv:2403.10476 Eq. 8), each search step on a fresh minibatch of
         ``search_batch_size`` training images: searched on rank 0 in fp32 and eval mode with the unwrapped
         model, then broadcast to every rank."""
         data = self.search_data() if self.is_main else None
@@ -377,19 +188,20 @@ class Trainer:
 
     @torch.no_grad()
     def mse_prob(self, noise: torch.Tensor, rnd: int = 0) -> float:
-        """001 Alg. 1 line 8: mean over the round's search images of ‖softmax(z') − softmax(z)‖²."""
+        """arXiv:2403.10476 Alg. 1 line 8: mean over the round's search images of ‖softmax(z') − softmax(z)‖²."""
         from ..anatomy import inject_noise
+        from ..nullspace.metrics import mse_prob
 
         x = self.search_images(rnd)
         was = self.raw.training
         self.raw.eval()
         try:
-            p = self.raw(x).softmax(1)
+            clean = self.raw(x)
             with inject_noise(self.raw, noise.to(self.device)):
-                q = self.raw(x).softmax(1)
+                noisy = self.raw(x)
         finally:
             self.raw.train(was)
-        return float(((q - p) ** 2).sum(1).mean())
+        return float(mse_prob(noisy, clean))
 
     # --- the loop -------------------------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
@@ -453,10 +265,10 @@ class Trainer:
 
     @torch.no_grad()
     def run_probe(self) -> Dict[str, float]:
-        """Held-out probe: clean accuracy and FGSM (ε 1/255, as 001 App. C) accuracy of the current model."""
+        """Held-out probe: clean accuracy and FGSM (ε 1/255, as arXiv:2403.10476 App. C) accuracy of the current model."""
         import torchattacks
 
-        from ..embedded import accuracy
+        from ..models import accuracy
 
         x, y = self.probe
         out = {"probe_clean_acc": accuracy(self.raw, x, y)}
@@ -478,7 +290,7 @@ class Trainer:
                 "rounds": self.cfg.rounds, "config": self.cfg.to_dict()}
 
     def _gather_rng(self) -> List[Dict[str, Any]]:
-        st = _rng_state(self.device)
+        st = rng_state(self.device)
         if self.world == 1:
             return [st]
         import torch.distributed as dist
@@ -533,7 +345,7 @@ class Trainer:
         self.stream.batches = int(ckpt["stream"]["batches"])
         self.round = int(ckpt["meta"]["round"])
         self.log = list(ckpt.get("log") or [])
-        _set_rng_state(ckpt["rng"][self.rank], self.device)
+        set_rng_state(ckpt["rng"][self.rank], self.device)
 
     def finish(self) -> Dict[str, Any]:
         """Write the final safe ``model.pth`` (+ EMA), the log and the plot; return a summary."""
@@ -555,64 +367,6 @@ class Trainer:
     def write_log(self) -> None:
         if self.out is not None and self.is_main:
             write_log(self.log, self.out)
-
-
-# ---------------------------------------------------------------------------------------------------
-# logs and plot
-# ---------------------------------------------------------------------------------------------------
-def _atomic_text(path: Path, text: str) -> None:
-    from ..io import atomic_write_text
-    atomic_write_text(path, text)
-
-
-def write_log(rows: List[Dict[str, Any]], out: Path) -> None:
-    """``out/log.json`` (a list of per-round dicts) and ``out/log.csv`` (one column per key), atomically."""
-    out = Path(out)
-    _atomic_text(out / "log.json", json.dumps(rows, indent=1))
-    keys: List[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    for r in rows:
-        w.writerow(r)
-    _atomic_text(out / "log.csv", buf.getvalue())
-
-
-#: Series of the Fig. 4-style plot (001 §5.4), when present in the log.
-PLOT_KEYS = ("noise_norm", "mse_prob", "noise_steps", "loss", "ce_clean", "ce_noise", "probe_clean_acc",
-             "probe_fgsm_acc")
-
-
-def plot_log(rows: List[Dict[str, Any]], path: os.PathLike, title: str = "") -> Optional[Path]:
-    """001 Fig. 4 style: each metric over model steps, divided by its first value. Returns the path."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    drawn = 0
-    for k in PLOT_KEYS:
-        pts = [(r["step"], float(r[k])) for r in rows
-               if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
-        if len(pts) < 1 or pts[0][1] == 0 or not math.isfinite(pts[0][1]):
-            continue
-        base = pts[0][1]
-        ax.plot([p[0] for p in pts], [p[1] / base for p in pts], marker="o", ms=3, label=k)
-        drawn += 1
-    ax.axhline(1.0, color="grey", lw=0.5)
-    ax.set_xlabel("model steps")
-    ax.set_ylabel("value / value at start")
-    ax.set_title(f"{title} (normalised to start, as in 001 Fig. 4)")
-    if drawn:
-        ax.legend(fontsize=7)
-    from ..io import atomic_savefig
-    fig.tight_layout()
-    try:
-        return atomic_savefig(fig, path, dpi=100)
-    finally:
-        plt.close(fig)
 
 
 def train(cfg: TrainConfig, out: Optional[os.PathLike] = None, *, resume: bool = False,

@@ -7,17 +7,17 @@ A method sees the :class:`ns_plugin.training.loop.Trainer` ``t`` and uses
 - ``t.autocast()`` (AMP on CUDA, a no-op otherwise), ``t.cfg`` (:class:`TrainConfig`),
 - ``t.find_noise(round, init)`` (the ε-approximate noise search, identical on every rank).
 
-Registered in :data:`ns_plugin.registry.trainers`:
+Registered in :data:`ns_plugin._registry.trainers`:
 
 ========== =====================================================================================
-standard   CE(clean): plain fine-tuning with the same schedule (the baseline of 001 Table 2)
-ns         001 Alg. 1: per round a noise search to the ε boundary, then S steps of
-           CE(clean) + CE(clean + noise) (noise added to the patch tokens, 001 Eq. 6)
-random     001 Table 4 ablation: Gaussian token noise with the norm of this round's learnt noise
+standard   CE(clean): plain fine-tuning with the same schedule (the baseline of arXiv:2403.10476 Table 2)
+ns         arXiv:2403.10476 Alg. 1: per round a noise search to the ε boundary, then S steps of
+           CE(clean) + CE(clean + noise) (noise added to the patch tokens, arXiv:2403.10476 Eq. 6)
+random     arXiv:2403.10476 Table 4 ablation: Gaussian token noise with the norm of this round's learnt noise
 madry      PGD adversarial training (Madry et al. 2018), L∞ 8/255, step 2/255, 10 steps, random start
 trades     TRADES (Zhang et al. 2019): CE(clean) + β·KL(p(clean) ‖ p(adv)), KL-PGD inner maximisation
 dat        Discrete Adversarial Training (Mao et al. 2022) as in EasyRobust's DAT example
-dat_ns     DAT + the NS term (001 Table 2, "ViT-B + DAT + NS")
+dat_ns     DAT + the NS term (arXiv:2403.10476 Table 2, "ViT-B + DAT + NS")
 ========== =====================================================================================
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NSPluginError
-from ..registry import trainers
+from .._registry import trainers
+from .state import round_seed
 
 Parts = Dict[str, float]
 
@@ -78,7 +79,7 @@ class Standard(Method):
 
 
 class _NoiseMixin:
-    """Per-round token noise (001 Alg. 1 lines 3-14) and the CE(clean + noise) term (line 19).
+    """Per-round token noise (arXiv:2403.10476 Alg. 1 lines 3-14) and the CE(clean + noise) term (line 19).
 
     ``noise`` is what the loss uses; ``learnt`` is the last searched noise (the warm start of the next
     search; the same tensor as ``noise`` except for the random ablation)."""
@@ -113,7 +114,7 @@ class _NoiseMixin:
 
 @trainers.register("ns")
 class Nullspace(_NoiseMixin, Method):
-    """NS-ViT (001 Alg. 1): ε-approximate nullspace noise each round, loss CE(clean) + CE(clean + noise)."""
+    """NS-ViT (arXiv:2403.10476 Alg. 1): ε-approximate nullspace noise each round, loss CE(clean) + CE(clean + noise)."""
 
     name = "ns"
     uses_noise = True
@@ -126,10 +127,10 @@ class Nullspace(_NoiseMixin, Method):
 
 @trainers.register("random")
 class RandomNoise(Nullspace):
-    """001 Table 4 ablation: CE(clean) + CE(clean + Gaussian token noise of the learnt noise's norm).
+    """arXiv:2403.10476 Table 4 ablation: CE(clean) + CE(clean + Gaussian token noise of the learnt noise's norm).
 
     The same loss as ``ns`` with Gaussian token noise whose ℓ2 norm matches this round's learnt
-    ε-approximate noise (or ``random_norm`` when set, which skips the search). "ε-matched" as in 001
+    ε-approximate noise (or ``random_norm`` when set, which skips the search). "ε-matched" as in arXiv:2403.10476
     Table 4 / §5.5: for each ε the random noise has the size of the ε-approximate noise, not its
     invariance (its MSE probability, logged as ``mse_prob``, is far above ε)."""
 
@@ -143,7 +144,7 @@ class RandomNoise(Nullspace):
             norm = stats["noise_norm"]
         else:
             stats, norm = {}, float(self.cfg.random_norm)
-        g = torch.Generator().manual_seed(_round_seed(self.cfg.seed, rnd, 2))
+        g = torch.Generator().manual_seed(round_seed(self.cfg.seed, rnd, 2))
         n, d = token_shape(t.raw)
         direction = torch.randn(1, n, d, generator=g)   # same on every rank (same seed)
         self.noise = (direction * (norm / direction.norm())).to(t.device)
@@ -151,10 +152,6 @@ class RandomNoise(Nullspace):
         stats["noise_norm"] = float(self.noise.norm())
         stats["mse_prob"] = t.mse_prob(self.noise, rnd)
         return stats
-
-
-def _round_seed(seed: int, rnd: int, purpose: int) -> int:
-    return (int(seed) * 1_000_003 + rnd * 101 + purpose) % (2 ** 63)
 
 
 @trainers.register("madry")
@@ -278,7 +275,7 @@ class DAT(Method):
 
 @trainers.register("dat_ns")
 class DATNullspace(_NoiseMixin, DAT):
-    """DAT + NS (001 Table 2): the DAT loss plus CE(clean + ε-approximate nullspace noise)."""
+    """DAT + NS (arXiv:2403.10476 Table 2): the DAT loss plus CE(clean + ε-approximate nullspace noise)."""
 
     name = "dat_ns"
     uses_noise = True

@@ -1,7 +1,9 @@
-"""Shims for the ecosystem as it installs from the registry (see README, "Why the install is unusual").
+"""robustbench integration: the shims robustbench 1.1.1 needs as it installs from the registry (see README,
+"Why the install is unusual"), the timm names its ``load_model`` looks up, and an offline ImageNet-layout
+folder its ``benchmark()`` reads.
 
 Each shim is small, names the upstream problem, and does nothing when the problem is absent.
-Nothing here runs at ``import ns_plugin``: call :func:`ensure_ecosystem` (``ns_plugin.register()`` does).
+Nothing here runs at ``import ns_plugin``: call :func:`ensure_ecosystem`.
 """
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ import sys
 import types
 from typing import Dict
 
-from .errors import NSPluginError
+from ..errors import NSPluginError
+
+#: robustbench threat models a checkpoint is registered for by default (``load_model`` names)
+ROBUSTBENCH_THREATS = ("Linf", "L2", "corruptions")
 
 _applied: Dict[str, bool] = {}
 
@@ -21,6 +26,11 @@ def _has(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
+
+
+def robustbench_name(name: str, dataset: str, threat: str) -> str:
+    """The timm name robustbench 1.1.1's ``load_model(name, dataset=, threat_model=)`` looks up."""
+    return f"{name.lower().replace('-', '_')}_{dataset.lower()}_{threat.lower()}"
 
 
 def ensure_pkg_resources() -> None:
@@ -52,7 +62,7 @@ def ensure_autoattack() -> bool:
     from pathlib import Path
 
     class AutoAttack(pyautoattack.AutoAttack):
-        """fra31/auto-attack's signature on top of pyautoattack (installed by ns_plugin.compat)."""
+        """fra31/auto-attack's signature on top of pyautoattack (installed by ns_plugin.integrations.robustbench)."""
 
         def __init__(self, model, norm="Linf", eps=0.3, seed=None, verbose=True, attacks_to_run=(),
                      version="standard", is_tf_model=False, device="cuda", log_path=None):
@@ -149,7 +159,6 @@ def robustbench_imagenet_folder(data_dir, x, y, num_classes: int):
     places the model's k logits at those ImageNet indices (other logits at -1e4).
     """
     from pathlib import Path
-    import torch
     from torchvision.utils import save_image
 
     check_robustbench()

@@ -1,173 +1,24 @@
-"""One small registry type (name -> factory) used for noise generators, trainers and attacks, and the hooks
-that plug ns_plugin into the ecosystem.
+"""timm integration: the embedded architecture as the timm model ``ns_vit_digits`` and fine-tuned checkpoints as
+timm models (:func:`register_checkpoint`), so that ``timm.create_model(name, pretrained=True)`` loads their
+weights (EasyRobust's ``benchmarks/benchmark.py --model name`` builds them) and robustbench's
+``load_model(name, dataset=..., threat_model=..., custom_checkpoint=...)`` finds ``{name}_{dataset}_{threat}``.
 
-* :func:`register` — idempotent: adds the attacks to the ``torchattacks`` namespace and ``torchattacks.__all__``,
-  registers the embedded architecture as the timm model ``ns_vit_digits``, and loads third-party attack plugins
-  declared under the ``ns_plugin.attacks`` entry-point group.
-* :func:`register_checkpoint` — a fine-tuned checkpoint becomes a timm model: ``timm.create_model(name,
-  pretrained=True)`` loads its weights (EasyRobust's ``benchmarks/benchmark.py --model name`` builds it), and
-  ``{name}_{dataset}_{threat}`` is the robustbench form that ``robustbench.utils.load_model(name, dataset=...,
-  threat_model=..., custom_checkpoint=...)`` finds (a model on [0, 1] images, normalisation inside).
-
-Importing this module has no side effects.
+The entrypoints live in :mod:`ns_plugin.integrations.timm_models` (timm files each entrypoint under the module
+that defines it and reads that module's ``default_cfgs``). Importing this module registers nothing.
 """
 from __future__ import annotations
 
-import difflib
-from typing import Callable, Dict, Iterator, List, Optional, TypeVar
+from typing import Dict, List
 
-from .errors import NSPluginError
+from ..errors import NSPluginError
+from ..models import DIGITS_MODEL, bare_state_dict, build_net
+from . import _LOCK, timm_models
+from .robustbench import ROBUSTBENCH_THREATS, robustbench_name
 
-T = TypeVar("T")
-
-
-class Registry:
-    """A named mapping of names to factories with a decorator, listing, and "did you mean" lookups.
-
-    >>> trainers = Registry("trainer")
-    >>> @trainers.register("standard")
-    ... class Standard: ...
-    >>> trainers.get("standard") is Standard
-    True
-    """
-
-    def __init__(self, kind: str):
-        self.kind = kind
-        self._items: Dict[str, Callable] = {}
-        self._docs: Dict[str, str] = {}
-
-    def register(self, name: Optional[str] = None, obj: Optional[Callable] = None, *, doc: str = ""):
-        """Register ``obj`` under ``name`` (decorator when ``obj`` is omitted). Registering the same object
-        twice under one name is a no-op; a different object under a taken name is an error."""
-        def deco(o: T) -> T:
-            key = name or getattr(o, "__name__", None)
-            if not key:
-                raise NSPluginError(f"{self.kind} registration needs a name")
-            old = self._items.get(key)
-            if old is not None and old is not o:
-                raise NSPluginError(f"{self.kind} {key!r} is already registered to {old!r}; choose another name")
-            self._items[key] = o
-            first = (getattr(o, "__doc__", None) or "").strip().splitlines()
-            self._docs[key] = doc or (first[0] if first else "")
-            return o
-        return deco(obj) if obj is not None else deco
-
-    def get(self, name: str) -> Callable:
-        """The factory registered as ``name``; an unknown name lists the known ones and the closest match."""
-        try:
-            return self._items[name]
-        except KeyError:
-            close = difflib.get_close_matches(str(name), list(self._items), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise NSPluginError(f"unknown {self.kind} {name!r}{hint} (known: {', '.join(sorted(self._items)) or 'none'})") from None
-
-    def build(self, name: str, *args, **kwargs):
-        """``get(name)(*args, **kwargs)``."""
-        return self.get(name)(*args, **kwargs)
-
-    def names(self) -> List[str]:
-        return sorted(self._items)
-
-    def describe(self) -> Dict[str, str]:
-        """``{name: first line of its docstring}``."""
-        return {k: self._docs[k] for k in self.names()}
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._items
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __repr__(self) -> str:
-        return f"Registry({self.kind!r}, {self.names()})"
-
-
-#: The three registries the plugin exposes.
-noise_generators = Registry("noise generator")
-trainers = Registry("trainer")
-attacks = Registry("attack")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# plugging into torchattacks and timm
-# ----------------------------------------------------------------------------------------------------------
-import threading as _threading
-
-_LOCK = _threading.RLock()
 #: timm model name -> signature of what ns_plugin registered under it (for idempotence and clash checks)
 _TIMM_REGISTERED: Dict[str, tuple] = {}
-#: entry-point group scanned by register() for third-party attacks (``Name = package.module:Class``)
-ATTACK_PLUGIN_GROUP = "ns_plugin.attacks"
-#: name of the embedded architecture in timm's registry
-DIGITS_MODEL = "ns_vit_digits"
-#: robustbench threat models a checkpoint is registered for by default (``load_model`` names)
-ROBUSTBENCH_THREATS = ("Linf", "L2", "corruptions")
 
 
-def _is_ours(obj, name: str) -> bool:
-    return getattr(obj, "__module__", "").startswith("ns_plugin.") and getattr(obj, "__name__", None) == name
-
-
-def register_attack(name: str, cls, *, in_all: bool = True) -> None:
-    """Put attack class ``cls`` into the ``torchattacks`` namespace (and ``torchattacks.__all__`` when
-    ``in_all``) and into :data:`attacks`. Idempotent; a name torchattacks already uses for something else is
-    an :class:`NSPluginError`."""
-    import torchattacks
-    from torchattacks.attack import Attack
-
-    if not (isinstance(cls, type) and issubclass(cls, Attack)):
-        raise NSPluginError(f"attack {name!r} must be a torchattacks.Attack subclass, got {cls!r}")
-    with _LOCK:
-        existing = getattr(torchattacks, name, None)
-        if existing is not None and existing is not cls and not (_is_ours(existing, name) and _is_ours(cls, name)):
-            raise NSPluginError(f"torchattacks already has {name!r} ({getattr(existing, '__module__', '?')}); "
-                                f"register the attack under another name")
-        old = attacks._items.get(name)
-        if old is not None and old is not cls and not (_is_ours(old, name) and _is_ours(cls, name)):
-            raise NSPluginError(f"attack {name!r} is already registered to {old!r}; choose another name")
-        attacks._items[name] = cls
-        first = (cls.__doc__ or "").strip().splitlines()
-        attacks._docs[name] = first[0].strip() if first else ""
-        setattr(torchattacks, name, cls)
-        if in_all and name not in torchattacks.__all__:
-            torchattacks.__all__.append(name)
-
-
-def _register_builtin_attacks() -> List[str]:
-    from . import attacks as pkg
-    for name in pkg.ATTACKS:
-        register_attack(name, getattr(pkg, name), in_all=name in pkg.MODEL_ONLY)
-    return list(pkg.ATTACKS)
-
-
-def _entry_points(group: str):
-    from importlib.metadata import entry_points
-    try:
-        return list(entry_points(group=group))
-    except TypeError:  # Python < 3.10 API
-        return list(entry_points().get(group, []))
-
-
-def load_attack_plugins(group: str = ATTACK_PLUGIN_GROUP) -> List[str]:
-    """Register every attack declared by installed packages under the entry-point ``group``
-    (``Name = package.module:Class``) into torchattacks; ns_plugin's own entries are skipped (already done)."""
-    names = []
-    for ep in _entry_points(group):
-        if ep.value.startswith("ns_plugin."):
-            continue
-        try:
-            cls = ep.load()
-        except Exception as e:  # noqa: BLE001 - a broken third-party plugin must not break register()
-            raise NSPluginError(f"attack plugin {ep.name!r} ({ep.value}) failed to import: {e}") from None
-        register_attack(ep.name, cls)
-        names.append(ep.name)
-    return names
-
-
-# -- timm -----------------------------------------------------------------------------------------------
 def _timm_cfg(*, num_classes: int, input_size, mean, std, file: str = "", arch: str = "",
               description: str = "") -> Dict[str, object]:
     return dict(url="", file=file, num_classes=int(num_classes), input_size=tuple(int(v) for v in input_size),
@@ -177,15 +28,8 @@ def _timm_cfg(*, num_classes: int, input_size, mean, std, file: str = "", arch: 
                 origin_url="", notes=(f"ns_plugin checkpoint, architecture {arch}",) if arch else ())
 
 
-def _bare_state_dict(sd: Dict[str, object]) -> Dict[str, object]:
-    """EasyRobust's ``Sequential(Normalize, model)`` keys (``0.mean``, ``0.std``, ``1.*``) -> the bare model's."""
-    if "0.mean" in sd or any(k.startswith("1.") for k in sd):
-        return {k[2:]: v for k, v in sd.items() if k.startswith("1.")}
-    return dict(sd)
-
-
 def _read_weights(path: str, use_ema: bool):
-    from .checkpoint import read_checkpoint
+    from ..checkpoint import read_checkpoint
     ckpt = read_checkpoint(path)
     key = "state_dict_ema" if use_ema else "state_dict"
     if not isinstance(ckpt.get(key), dict):
@@ -194,34 +38,23 @@ def _read_weights(path: str, use_ema: bool):
 
 
 def _arch_builder(arch):
-    """``arch`` -> ``fn(**kwargs) -> bare nn.Module``: ``"ns_vit_digits"``, a timm model name, or a dict of
-    timm ``VisionTransformer`` arguments."""
-    from .models import DEFAULT_VIT
-
-    if isinstance(arch, dict):
-        def build(**kw):
-            from timm.models.vision_transformer import VisionTransformer
-            return VisionTransformer(**{**arch, **kw})
-        return build
-    if arch == DIGITS_MODEL:
-        def build(**kw):
-            from timm.models.vision_transformer import VisionTransformer
-            return VisionTransformer(**{**DEFAULT_VIT, **kw})
-        return build
-    import timm
-    if not isinstance(arch, str) or not timm.is_model(arch):
-        raise NSPluginError(f"unknown architecture {arch!r}: pass arch= a timm model name or a dict of "
-                            f"VisionTransformer arguments")
+    """``arch`` -> ``fn(**kwargs) -> bare nn.Module`` (:func:`ns_plugin.models.build_net`): ``"ns_vit_digits"``,
+    a timm model name, or a dict of timm ``VisionTransformer`` arguments."""
+    if not isinstance(arch, dict) and arch != DIGITS_MODEL:
+        import timm
+        if not isinstance(arch, str) or not timm.is_model(arch):
+            raise NSPluginError(f"unknown architecture {arch!r}: pass arch= a timm model name or a dict of "
+                                f"VisionTransformer arguments")
 
     def build(**kw):
-        return timm.create_model(arch, pretrained=False, **kw)
+        return build_net(arch, pretrained=False, **kw)
     return build
 
 
 def _load_weights_into(model, sd, num_classes_ckpt: int, source: str):
     """Load a bare state dict into ``model``; when the model was built with another number of classes the
     classifier is left as initialised (timm's convention for ``pretrained=True, num_classes=k``)."""
-    from .checkpoint import load_into
+    from ..checkpoint import load_into
     head = [k for k in ("head.weight", "head.bias") if k in sd]
     own = model.state_dict()
     if head and tuple(own.get("head.weight", sd["head.weight"]).shape) != tuple(sd["head.weight"].shape):
@@ -265,22 +98,21 @@ def _make_entrypoint(name: str, build, cfg: Dict[str, object], *, use_ema: bool,
                 file = _digits_weights_path()  # the cache folder as configured now ($NS_PLUGIN_CACHE)
                 _ensure_digits_weights(file)
             _, sd = _read_weights(file, use_ema)
-            _load_weights_into(model, _bare_state_dict(sd), k_ckpt, source=f"weights {file}")
+            _load_weights_into(model, bare_state_dict(sd), k_ckpt, source=f"weights {file}")
         cfg_dict = {k: v for k, v in dataclasses.asdict(resolved).items() if k != "state_dict"}
         model.pretrained_cfg = model.default_cfg = cfg_dict
         if not robustbench:
             return model
         from torch import nn
-        from .models import Normalize
-        from .timm_models import PadClasses
+        from ..models import Normalize
         out = nn.Sequential(Normalize(resolved.mean, resolved.std), model)
         if want > k_ckpt:
-            out.append(PadClasses(want))
+            out.append(timm_models.PadClasses(want))
         out.pretrained_cfg = out.default_cfg = cfg_dict
         return out.eval() if pretrained else out
 
     entry.__name__ = entry.__qualname__ = name
-    entry.__module__ = "ns_plugin.timm_models"
+    entry.__module__ = timm_models.__name__
     entry.__doc__ = f"ns_plugin model {name} ({'robustbench form: images in [0, 1]' if robustbench else 'bare timm model'})."
     return entry
 
@@ -290,7 +122,6 @@ def _register_timm(name: str, entry, cfg: Dict[str, object], signature: tuple) -
     registered; a different ns_plugin model or any timm model under that name is an error."""
     import timm
     from timm.models import register_model
-    from . import timm_models
 
     with _LOCK:
         if name in _TIMM_REGISTERED:
@@ -307,29 +138,27 @@ def _register_timm(name: str, entry, cfg: Dict[str, object], signature: tuple) -
         return True
 
 
-def _robustbench_name(name: str, dataset: str, threat: str) -> str:
-    """The timm name robustbench 1.1.1's ``load_model(name, dataset=, threat_model=)`` looks up."""
-    return f"{name.lower().replace('-', '_')}_{dataset.lower()}_{threat.lower()}"
-
-
 def _digits_weights_path() -> str:
-    from .embedded import cache_dir
+    from ..embedded import cache_dir
     return str(cache_dir() / "vit_digits_s0_e30.pth")
 
 
 def _ensure_digits_weights(path: str) -> None:
-    """The ``ns_vit_digits`` weights are the cached embedded default (trained here, ~15 s, on first use)."""
+    """The ``ns_vit_digits`` weights are the cached embedded default. A registry call never trains: when they
+    are missing, one line says how to make them."""
     from pathlib import Path
     if not Path(path).is_file():
-        from .embedded import default_model
-        default_model(progress=False)
+        raise NSPluginError(f"no trained weights for ns_vit_digits at {path}; make them once with "
+                            f"`ns-plugin evaluate` (trains and caches the embedded default, about 20 s on CPU) "
+                            f"or pass pretrained_cfg_overlay=dict(file=CHECKPOINT)")
 
 
 def register_timm_digits() -> str:
     """Register the embedded architecture as the timm model ``ns_vit_digits`` (a bare ``VisionTransformer``
-    with the default config; ``pretrained=True`` loads the cached trained default, training it on first use).
+    with the default config; ``pretrained=True`` loads the cached trained default and fails with a one-line
+    :class:`NSPluginError` naming the command that makes it when there is none: it never trains).
     Its ``pretrained_cfg`` carries the digits mean/std and input size. Idempotent."""
-    from .models import DEFAULT_VIT, DIGITS_MEAN, DIGITS_STD
+    from ..models import DEFAULT_VIT, DIGITS_MEAN, DIGITS_STD
     path = _digits_weights_path()
     cfg = _timm_cfg(num_classes=DEFAULT_VIT["num_classes"], input_size=(3, DEFAULT_VIT["img_size"], DEFAULT_VIT["img_size"]),
                     mean=DIGITS_MEAN, std=DIGITS_STD, file=path, arch=DIGITS_MODEL,
@@ -389,14 +218,14 @@ def register_checkpoint(name: str, path, *, arch=None, use_ema: bool = False, ro
     ckpt, sd = _read_weights(path, use_ema)
     arch = arch if arch is not None else checkpoint_arch(ckpt.get("meta") or {}, path)
     build = _arch_builder(arch)
-    bare = _bare_state_dict(sd)
+    bare = bare_state_dict(sd)
     if "head.weight" not in bare:
         raise NSPluginError(f"checkpoint {path} has no classifier 'head.weight'; only timm ViT-style classifiers "
                             f"can be registered")
     k = int(bare["head.weight"].shape[0])
     model = build(num_classes=k)
     _load_weights_into(model, bare, k, source=f"checkpoint {path}")  # architecture check, now
-    from .models import input_size
+    from ..models import input_size
     size = input_size(model) or (3, 224, 224)
     if "0.mean" in sd:
         mean, std = sd["0.mean"].reshape(-1).tolist(), sd["0.std"].reshape(-1).tolist()
@@ -406,7 +235,7 @@ def register_checkpoint(name: str, path, *, arch=None, use_ema: bool = False, ro
     arch_key = arch if isinstance(arch, str) else repr(sorted(arch.items()))
     cfg = _timm_cfg(num_classes=k, input_size=size, mean=mean, std=std, file=path, arch=arch_key,
                     description=f"ns_plugin checkpoint {Path(path).name}")
-    plan = [(name, False)] + [(_robustbench_name(name, d, t), True) for d in robustbench for t in threat_models]
+    plan = [(name, False)] + [(robustbench_name(name, d, t), True) for d in robustbench for t in threat_models]
     import timm as _timm
     with _LOCK:
         for n, _ in plan:  # check every name before registering any
@@ -419,30 +248,6 @@ def register_checkpoint(name: str, path, *, arch=None, use_ema: bool = False, ro
             entry = _make_entrypoint(n, build, cfg, use_ema=use_ema, robustbench=rb)
             _register_timm(n, entry, dict(cfg), (path, arch_key, use_ema, "robustbench" if rb else "bare"))
     return [n for n, _ in plan]
-
-
-def register(*, torchattacks: bool = True, timm: bool = True, plugins: bool = True) -> Dict[str, List[str]]:
-    """Plug ns_plugin into the ecosystem; idempotent (calling it again changes nothing).
-
-    * torchattacks: ``torchattacks.PatchFool``, ``NullspaceNoise``, ``TargetedNullspace``, ``EmbeddingMatch`` (also
-      appended to ``torchattacks.__all__``, so harnesses that loop over it see them) and ``torchattacks.DamageNet``
-      (namespace only: it needs a data folder, so it cannot be built from the model alone);
-    * timm: the embedded architecture as ``ns_vit_digits``;
-    * third-party attacks declared under the ``ns_plugin.attacks`` entry-point group.
-
-    ``torchattacks=False`` / ``timm=False`` / ``plugins=False`` skip a part. A name clash with an existing
-    torchattacks or timm name raises :class:`NSPluginError`.
-    Returns ``{"attacks": [...], "timm": [...], "plugins": [...]}``.
-    """
-    out: Dict[str, List[str]] = {"attacks": [], "timm": [], "plugins": []}
-    with _LOCK:
-        if torchattacks:
-            out["attacks"] = _register_builtin_attacks()
-        if timm:
-            out["timm"] = [register_timm_digits()]
-        if plugins:
-            out["plugins"] = load_attack_plugins()
-    return out
 
 
 def registered_timm_models() -> List[str]:

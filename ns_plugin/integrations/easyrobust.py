@@ -1,7 +1,7 @@
-"""A ``train_one_epoch`` with the signature of EasyRobust's (and timm's) training scripts, so such a script
-can train with any registered ns_plugin method by swapping one import::
+"""EasyRobust integration: a ``train_one_epoch`` with the signature of EasyRobust's (and timm's) training
+scripts, so such a script can train with any registered ns_plugin method by swapping one import::
 
-    from ns_plugin.training import train_one_epoch
+    from ns_plugin.integrations.easyrobust import train_one_epoch   # or ns_plugin.train_one_epoch
     args.ns_method = "ns"            # or standard / random / madry / trades / dat / dat_ns
     train_metrics = train_one_epoch(epoch, model, loader_train, optimizer, train_loss_fn, args,
                                     lr_scheduler=lr_scheduler, amp_autocast=amp_autocast,
@@ -9,7 +9,7 @@ can train with any registered ns_plugin method by swapping one import::
 
 Method hyper-parameters are read from ``args`` when present under the :class:`TrainConfig` names
 (``eps``, ``lim``, ``noise_lr``, ``noise_max_steps``, ``search``, ``steps_per_round``, ``pgd_eps``,
-``trades_beta``, ``vqgan``, ``dat_eps``...), else the paper defaults. The noise (NS, 001 Alg. 1) is
+``trades_beta``, ``vqgan``, ``dat_eps``...), else the paper defaults. The noise (NS, arXiv:2403.10476 Alg. 1) is
 searched every ``steps_per_round`` (40) batches on the current batch, on rank 0, and broadcast. The
 method supplies its own cross-entropy terms (``loss_fn`` is not used; soft mixup targets work).
 The model is expected to take images in [0, 1] (``Sequential(Normalize, net)``, as EasyRobust builds it).
@@ -23,7 +23,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .config import TrainConfig
+from ..training import trainers
+from ..training.config import TrainConfig
 
 #: TrainConfig fields a script's ``args`` may set for the method (the rest belong to the script).
 METHOD_KEYS = ("eps", "lim", "noise_lr", "noise_max_steps", "search", "search_batch_size", "warm_start",
@@ -38,10 +39,10 @@ class _ScriptContext:
     def __init__(self, model, optimizer, cfg: TrainConfig, amp_autocast):
         import torch.distributed as dist
 
-        from ..models import unwrap
+        from ..models import strip_parallel, unwrap
 
         self.model = model
-        self.raw = model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
+        self.raw = strip_parallel(model)
         self.cfg = cfg
         self.opt = optimizer
         self.device = next(self.raw.parameters()).device
@@ -59,7 +60,7 @@ class _ScriptContext:
         self.opt.zero_grad(set_to_none=True)
 
     def find_noise(self, rnd, init=None):
-        from .loop import search_and_broadcast
+        from ..training.loop import search_and_broadcast
         x = self.x if self.rank == 0 else None
         return search_and_broadcast(self.raw, x, self.cfg, rnd, init=init, world=self.world, rank=self.rank,
                                     device=self.device)
@@ -67,16 +68,17 @@ class _ScriptContext:
     @torch.no_grad()
     def mse_prob(self, noise, rnd=0):
         from ..anatomy import inject_noise
+        from ..nullspace.metrics import mse_prob
         was = self.raw.training
         self.raw.eval()
         try:
             x = self.x[: self.cfg.search_batch_size]
-            p = self.raw(x).softmax(1)
+            clean = self.raw(x)
             with inject_noise(self.raw, noise):
-                q = self.raw(x).softmax(1)
+                noisy = self.raw(x)
         finally:
             self.raw.train(was)
-        return float(((q - p) ** 2).sum(1).mean())
+        return float(mse_prob(noisy, clean))
 
 
 def method_config(args: Any) -> TrainConfig:
@@ -98,9 +100,6 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, lr_scheduler
     ``saver.save_recovery`` every ``args.recovery_interval`` batches. The method object (and its noise)
     persists across epochs on ``args``.
     """
-    from . import methods as _m  # noqa: F401
-    from ..registry import trainers
-
     cfg = method_config(args)
     key = "_ns_plugin_method"
     state = getattr(args, key, None)

@@ -1,0 +1,52 @@
+"""Every script in benchmarks/ runs end to end in its --quick form and ends with one JSON line of what it
+measured (the full runs are minutes to hours; these are smoke runs of the same code paths)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("default_model_cache")
+
+
+def run(script, *args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)], capture_output=True,
+                         text=True, env=env, cwd=cwd or ROOT, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_compare_quick(tmp_path):
+    res = run("compare.py", "--quick", "--quiet", "--out", tmp_path / "cmp")
+    assert set(res["rows"]) == {"ViT", "ViT + NS"}
+    assert res["rows"]["ViT"]["Clean"] > 50  # the trained default, evaluated
+    assert (tmp_path / "cmp" / "tables.md").is_file()
+
+
+def test_noise_search_quick():
+    res = run("noise_search.py", "--quick")
+    assert res["rounds"] == 2 and res["faithful_equals_fast"] is True  # the fast path finds the same noise
+
+
+def test_train_speed_quick():
+    res = run("train_speed.py", "--quick")
+    assert set(res["methods"]) == {"standard", "ns"} and res["methods"]["ns"]["steps"] == 2
+
+
+def test_attacks_quick():
+    res = run("attacks.py", "--quick")
+    assert res["n"] == 8 and res["nullspace_noise_pred_match"] == 1.0
+
+
+def test_watermark_speed_quick():
+    res = run("watermark_speed.py", "--quick", "--maxiter", 20)
+    assert res["benchmark"] == "watermark_speed"
+
+
+def test_analysis_report_quick(tmp_path):
+    res = run("analysis_report.py", "--quick", "--out", tmp_path / "an")
+    assert (tmp_path / "an" / "analysis_report.json").is_file() and "jacobian" in res
