@@ -1,6 +1,6 @@
 """Started by ``ns-plugin run``: this folder is first on ``PYTHONPATH`` of the launched command, so Python
 imports this file at start-up (the standard ``sitecustomize`` hook). It installs ns_plugin's post-import
-hooks (:mod:`ns_plugin.launch`), which register our attacks / models when the launched program imports
+hooks (:mod:`ns_plugin.integrations.launch`), which register our attacks / models when the launched program imports
 torchattacks or timm itself, and then runs the ``sitecustomize`` this one shadows, if any."""
 import os
 import sys
@@ -21,7 +21,7 @@ def _install():
     if not spec:
         return
     try:
-        from ns_plugin.launch import install_hooks
+        from ns_plugin.integrations.launch import install_hooks
         install_hooks(spec)
     except Exception as e:  # noqa: BLE001 - report in one line, let the program run
         sys.stderr.write(f"ns-plugin run: hooks not installed: {type(e).__name__}: {e}\n")

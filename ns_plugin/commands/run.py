@@ -1,7 +1,7 @@
 """``ns-plugin run``: start an unchanged program that sees ns_plugin's attacks and models.
 
 ``ns-plugin run [--checkpoint NAME=PATH ...] [--robustbench DATASET ...] -- python script.py ARGS``
-runs the command with a ``sitecustomize`` hook (see :mod:`ns_plugin.launch`): when the program imports
+runs the command with a ``sitecustomize`` hook (see :mod:`ns_plugin.integrations.launch`): when the program imports
 torchattacks, ``torchattacks.PatchFool`` etc. exist and are in ``torchattacks.__all__``; when it imports
 timm, ``ns_vit_digits`` and every ``NAME`` are timm models (EasyRobust ``--model NAME``, robustbench
 ``load_model(NAME, dataset=DATASET)``). The exit status is the program's.
@@ -13,7 +13,8 @@ import subprocess
 
 from ..errors import NSPluginError
 
-HELP = "run an unchanged program (EasyRobust benchmark.py, torchattacks' tests, a robustbench script) with our models and attacks registered"
+HELP = ("run an unchanged program (EasyRobust benchmark.py, torchattacks' tests, a robustbench script) "
+        "with our models and attacks registered")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..launch import ENV, check_checkpoints, launch_env, make_spec, parse_checkpoint_arg
+    from ..integrations.launch import ENV, check_checkpoints, launch_env, make_spec, parse_checkpoint_arg
 
     cmd = list(args.cmd)
     if cmd[:1] == ["--"]:

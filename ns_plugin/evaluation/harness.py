@@ -177,7 +177,7 @@ class Comparison:
             test, fresh = s.test.tensors, s.val.tensors
             cors = self._corruptions()
             key = "all" if cors == list(IMAGENET_C) else "-".join(cors)
-            root = _bench_cache() / f"digits_s0_sev{''.join(map(str, sev))}_{key}"
+            root = _bench_cache() / f"digits_s0_sev{''.join(map(str, sev))}_{key}_r2"  # r2: rendition/ layout
             if not root.is_dir():
                 self.log(f"writing EasyRobust-layout benchmark folders to {root} (once; cached)")
                 write_benchmark_folders(root, test, fresh=fresh, severities=sev, corruptions=cors,
@@ -251,6 +251,7 @@ class Comparison:
         x, y = test[0][:ev["n_attack"]], test[1][:ev["n_attack"]]
         from .suite import top1
         res["clean_attack_subset"] = top1(model, x, y)  # attacks run on these images only
+        res["n_attack_images"] = len(y)
         for col, atk in self._attacks(model).items():
             if isinstance(atk, str):
                 res[col], res["notes"][col] = None, atk
@@ -266,6 +267,9 @@ class Comparison:
                                                    corruptions=self._corruptions())
         n_cls = int(next(v for k, v in model.state_dict().items() if k.endswith("head.weight")).shape[0])
         for folder, (evaluator, col) in SHIFT_FOLDERS.items():
+            if not (root / folder).is_dir() and any((root / f).is_dir() for f, (_, c) in SHIFT_FOLDERS.items()
+                                                     if c == col and f != folder):
+                continue  # the column's other folder holds it (imagenet-r for 1000 classes, rendition otherwise)
             if n_cls != 1000 and evaluator in ("evaluate_imagenet_a", "evaluate_imagenet_r"):
                 evaluator = "evaluate_imagenet_val"  # their 200-class masks assume 1000 ImageNet logits
             acc = folder_accuracy(model, root / folder, engine="easyrobust", evaluator=evaluator)
@@ -316,10 +320,19 @@ class Comparison:
         return text
 
     def leaderboard(self, evals: Dict[str, Dict[str, Any]], rows: Dict[str, Dict[str, Any]]) -> None:
-        """robustbench ``model_info`` entries (:func:`.report.leaderboard_entries`) under ``leaderboard/``."""
+        """robustbench ``model_info`` entries (:func:`.report.leaderboard_entries`) under
+        ``leaderboard/<dataset>/<threat>/`` and ``leaderboard/index.html`` (robustbench's table format)."""
+        from .leaderboard import write_leaderboard_page
         from .report import leaderboard_entries
-        for rel, entry in leaderboard_entries(self.cfg, evals, rows).items():
+        source = ""
+        if self.cfg["eval"].get("autoattack"):
+            from ..integrations import robustbench as compat
+            source = compat.ensure_autoattack()
+        entries = leaderboard_entries(self.cfg, evals, rows, autoattack_source=source, baseline=self.baseline_name)
+        for rel, entry in entries.items():
             _write_json(self.out / "leaderboard" / rel, entry)
+        if entries:
+            write_leaderboard_page(self.out / "leaderboard", title=f"ns_plugin comparison {self.cfg['name']!r}")
 
     def plots(self) -> Optional[Path]:
         """All runs' per-round curves in one figure (:func:`.report.training_curves_figure`)."""

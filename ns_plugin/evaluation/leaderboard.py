@@ -25,25 +25,18 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from ..errors import NSPluginError
+from .report import pct
 
 #: robustbench's board fields for the threat models we write (mirrors robustbench.utils.ACC_FIELDS)
 ACC_FIELDS = {"Linf": ("external", "autoattack_acc"), "L2": ("external", "autoattack_acc"),
               "corruptions": ("corruptions_acc",)}
 #: dataset keys robustbench's leaderboard code accepts
 ROBUSTBENCH_DATASETS = ("cifar10", "cifar100", "imagenet")
-
-
-def pct(v: Optional[float]) -> Optional[str]:
-    """A percentage as robustbench stores it (``"59.64"``); None for a missing value."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return None
-    return f"{float(v):.2f}"
 
 
 def eps_string(eps: float) -> str:
@@ -59,23 +52,31 @@ def entry_file_name(name: str) -> str:
 
 def linf_entry(common: Dict[str, Any], *, eps: float, clean_acc: float, autoattack_acc: float,
                other_attacks: Dict[str, Optional[float]], n_images: int, autoattack_source: str,
-               autoattack_version: str = "standard") -> Dict[str, Any]:
+               autoattack_version: str = "standard", extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """A robustbench Linf entry. ``other_attacks`` maps a label (e.g. ``"PGD-10 (2/255)"``) to the robust
     accuracy of an attack inside the same ε ball, on the same images; ``external`` is the minimum of them and
-    AutoAttack."""
+    AutoAttack. ``extra`` adds fields (e.g. seed counts and intervals); it cannot replace robustbench's."""
     known = {f"AutoAttack ({autoattack_version})": autoattack_acc}
     known.update({k: v for k, v in other_attacks.items() if v is not None})
     best_label = min(known, key=lambda k: known[k])
     note = (f"AutoAttack {autoattack_version}, eps {eps_string(eps)}, {autoattack_source}; clean and robust "
             f"accuracy on the same {n_images} test images; best known robust accuracy = minimum over "
             f"{', '.join(known)} ({best_label}).")
-    return dict(common, eps=eps_string(eps), clean_acc=pct(clean_acc), reported=pct(autoattack_acc),
-                autoattack_acc=pct(autoattack_acc), external=pct(known[best_label]), footnote=note)
+    out = dict(common, eps=eps_string(eps), clean_acc=pct(clean_acc), reported=pct(autoattack_acc),
+               autoattack_acc=pct(autoattack_acc), external=pct(known[best_label]), footnote=note)
+    return _add(out, extra)
+
+
+def _add(entry: Dict[str, Any], extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    clash = sorted(set(extra or {}) & set(entry))
+    if clash:
+        raise NSPluginError(f"extra leaderboard fields {clash} would replace robustbench's own")
+    return {**entry, **(extra or {})}
 
 
 def corruptions_entry(common: Dict[str, Any], *, clean_acc: float, corruptions_acc: float,
                       mce_vs_baseline: Optional[float], baseline: str, n_corruptions: int,
-                      severities: Sequence[int]) -> Dict[str, Any]:
+                      severities: Sequence[int], extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """A robustbench corruptions entry (no AlexNet-relative ``corruptions_mce``: see the module doc)."""
     note = (f"corruptions_acc = mean accuracy over {n_corruptions} ImageNet-C corruptions x severities "
             f"{','.join(map(str, severities))}; corruptions_mce_vs_baseline is relative to {baseline!r} (= 100), "
@@ -84,7 +85,7 @@ def corruptions_entry(common: Dict[str, Any], *, clean_acc: float, corruptions_a
                footnote=note)
     if mce_vs_baseline is not None:
         out["corruptions_mce_vs_baseline"] = pct(mce_vs_baseline)
-    return out
+    return _add(out, extra)
 
 
 def write_entries(folder: os.PathLike, dataset: str, threat: str, entries: Iterable[Dict[str, Any]]) -> List[Path]:

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from .errors import NSPluginError
+from ..errors import NSPluginError
 
 #: environment variable carrying the hook spec (JSON) to the launched program
 ENV = "NS_PLUGIN_RUN"
@@ -32,7 +32,7 @@ ENV = "NS_PLUGIN_RUN"
 
 def site_dir() -> str:
     """The folder holding the ``sitecustomize`` that ``ns-plugin run`` puts first on ``PYTHONPATH``."""
-    return str(Path(__file__).resolve().parent / "_site")
+    return str(Path(__file__).resolve().parents[1] / "_site")
 
 
 def make_spec(checkpoints: Sequence[Dict[str, object]] = (), *, attacks: bool = True, timm: bool = True) -> str:
@@ -43,7 +43,7 @@ def launch_env(spec: str, base: Optional[Dict[str, str]] = None) -> Dict[str, st
     """``base`` (default ``os.environ``) with the hook spec set and ``ns_plugin/_site`` first on PYTHONPATH;
     the folder holding ns_plugin is added too, so the hook finds the same ns_plugin as the launcher."""
     env = dict(os.environ if base is None else base)
-    pkg_parent = str(Path(__file__).resolve().parents[1])
+    pkg_parent = str(Path(__file__).resolve().parents[2])
     parts = [site_dir(), pkg_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     seen: List[str] = []
     for p in parts:
@@ -101,7 +101,7 @@ class PostImportHooks(importlib.abc.MetaPathFinder):
 
 
 def _register_checkpoints(checkpoints) -> None:
-    from .registry import register_checkpoint
+    from .timm import register_checkpoint
     for c in checkpoints:
         register_checkpoint(c["name"], c["path"], use_ema=bool(c.get("use_ema", False)),
                             robustbench=tuple(c.get("robustbench", ("imagenet",))))
@@ -113,12 +113,12 @@ def install_hooks(spec: str) -> Optional[PostImportHooks]:
     callbacks: Dict[str, Callable] = {}
     if d.get("attacks", True):
         def on_torchattacks(_module):
-            from .registry import register
+            from . import register
             register(timm=False)
         callbacks["torchattacks"] = on_torchattacks
     if d.get("timm", True) or d.get("checkpoints"):
         def on_timm(_module):
-            from .registry import register
+            from . import register
             if d.get("timm", True):
                 register(torchattacks=False, plugins=False)
             _register_checkpoints(d.get("checkpoints", ()))
@@ -140,7 +140,7 @@ def parse_checkpoint_arg(text: str, *, use_ema: bool = False, robustbench: Seque
 
 def check_checkpoints(checkpoints) -> List[str]:
     """Register the checkpoints in this process (reads and checks each file); returns the timm names."""
-    from .registry import register_checkpoint
+    from .timm import register_checkpoint
     names: List[str] = []
     for c in checkpoints:
         names += register_checkpoint(c["name"], c["path"], use_ema=bool(c["use_ema"]),
