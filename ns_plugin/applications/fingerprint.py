@@ -64,7 +64,7 @@ def fingerprint(model: nn.Module, *, tol: Optional[float] = None) -> Fingerprint
 
 
 def _one_thread():
-    from .watermark import _threads
+    from .watermark_solvers import _threads
     return _threads(1)
 
 
@@ -148,7 +148,7 @@ def finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int =
              num_threads: Optional[int] = 1) -> nn.Module:
     """A fine-tuned copy of ``model``: ``steps`` AdamW steps (wd 0.05) of cross-entropy on ``(x, y)``, batches
     drawn with ``seed``; ``num_threads`` torch threads meanwhile (``None``: unchanged)."""
-    from .watermark import _threads
+    from .watermark_solvers import _threads
     with _threads(num_threads):
         return _finetune(model, x, y, steps, lr, batch_size, seed, freeze_patch_embed)
 

@@ -178,9 +178,9 @@ class TargetImagesMixin:
 
 
 def _patch_scale(xp: torch.Tensor, vp: torch.Tensor) -> torch.Tensor:
-    """(N, P, 1): per patch, the largest s in [0, 1] with xp + s·vp inside [0, 1]."""
+    """(..., 1): per patch (last dimension), the largest s in [0, 1] with xp + s·vp inside [0, 1]."""
     from ..nullspace.exact import box_scale
-    return box_scale(xp, vp, start_dim=2).clamp(max=1).unsqueeze(-1)
+    return box_scale(xp, vp, start_dim=xp.dim() - 1).clamp(max=1).unsqueeze(-1)
 
 
 def patch_box_scale(ns, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
