@@ -39,7 +39,7 @@ def test_easyrobust_yaml_maps_known_keys(tmp_path):
 def test_easyrobust_yaml_refuses_senseless_keys_unless_told(tmp_path, caplog):
     from ns_plugin.training.config import read_yaml
     p = tmp_path / "er.yaml"
-    p.write_text(YAML + "mixup: 0.8\nopt_extra: 1\nsmoothing: 0.1\n")
+    p.write_text(YAML + "mixup: 0.8\ndrop_path: 0.1\nsmoothing: 0.1\n")
     with pytest.raises(NSPluginError, match=r"no ns_plugin counterpart for mixup=0.8.*epochs->rounds.*--ignore-unsupported"):
         read_yaml(str(p))
     with caplog.at_level(logging.WARNING):
@@ -50,6 +50,9 @@ def test_easyrobust_yaml_refuses_senseless_keys_unless_told(tmp_path, caplog):
     p.write_text("epochs: 2\nrounds: 3\n")
     with pytest.raises(NSPluginError, match="sets 'rounds' twice"):
         read_yaml(str(p))
+    p.write_text("methd: ns\n")
+    with pytest.raises(NSPluginError, match="unknown key.s. .'methd'.; did you mean 'method'"):
+        read_yaml(str(p), ignore_unsupported=True)
     p.write_text("opt: sgd\n")
     with pytest.raises(NSPluginError, match="opt='sgd' .ns_plugin fine-tunes with AdamW"):
         read_yaml(str(p))

@@ -80,3 +80,20 @@ def test_corruption_entry_states_its_mce_reference(tmp_path):
     assert e["corruptions_acc"] == "61.23" and "not to AlexNet" in e["footnote"]
     lb.write_entries(tmp_path, "digits", "corruptions", [e])
     assert json.loads((tmp_path / "digits" / "corruptions" / "Ours_C.json").read_text()) == e
+
+
+def test_report_writes_linf_entries_only_where_autoattack_ran():
+    from ns_plugin.evaluation.report import leaderboard_entries
+    cfg = {"name": "t", "data": "digits", "model": "default", "runs": [{"name": "A"}, {"name": "B"}],
+           "eval": {"n_attack": 100, "fgsm_eps": 1 / 255, "pgd": {"eps": 2 / 255, "steps": 10},
+                    "autoattack": {"eps": 2 / 255, "version": "standard"}, "leaderboard_dataset": None}}
+    evals = {"A": {"AutoAttack": 40.0, "PGD": 38.0, "FGSM": 60.0, "clean_attack_subset": 90.0, "n_attack_images": 100,
+                   "corruptions": {"fog": {"1": 70.0, "5": 50.0}}},
+             "B": {"PGD": 30.0, "FGSM": 50.0, "clean_attack_subset": 80.0, "corruptions": {}}}
+    rows = {"A": {"Clean": 95.0, "C": 100.0}, "B": {"Clean": 90.0, "C": 110.0}}
+    out = leaderboard_entries(cfg, evals, rows, autoattack_source="src")
+    assert set(out) == {"digits/Linf/A.json", "digits/corruptions/A.json"}
+    a = out["digits/Linf/A.json"]
+    assert (a["autoattack_acc"], a["external"], a["clean_acc"], a["eps"]) == ("40.00", "38.00", "90.00", "2/255")
+    assert "PGD-10 (2/255)" in a["footnote"] and "src" in a["footnote"]
+    assert out["digits/corruptions/A.json"]["corruptions_acc"] == "60.00"

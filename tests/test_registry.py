@@ -164,11 +164,19 @@ def test_register_checkpoint_timm_easyrobust_and_robustbench(registered, trained
     assert register_checkpoint("ns_test_ft", checkpoint) == names  # twice: no-op
     ref = trained[0](x)
 
-    # every registered model name builds with timm and loads its weights
-    for name in [n for n in registered_timm_models() if n.startswith("ns_test_ft")]:
+    # every registered model name builds with timm and loads its weights (robustbench's ImageNet forms put the 10
+    # logits at the labels our robustbench folder uses); the other robustbench datasets answer in one line
+    from ns_plugin.integrations.robustbench import imagenet_class_index
+    index = imagenet_class_index(10)
+    for name in names:
         m = timm.create_model(name, pretrained=True).eval()
         out = m(Normalize(m.pretrained_cfg["mean"], m.pretrained_cfg["std"])(x)) if name == "ns_test_ft" else m(x)
-        assert torch.allclose(out[:, :10], ref, atol=1e-5), name
+        assert torch.allclose(out[:, :10] if name == "ns_test_ft" else out[:, index], ref, atol=1e-5), name
+    stubs = [n for n in registered_timm_models() if n.startswith("ns_test_ft") and n not in names]
+    assert sorted(stubs) == sorted(f"ns_test_ft_{d}_{t}" for d in ("cifar10", "cifar100")
+                                   for t in ("linf", "l2", "corruptions"))
+    with pytest.raises(NSPluginError, match="not cifar100"):
+        timm.create_model("ns_test_ft_cifar100_l2")
 
     # EasyRobust's benchmarks/benchmark.py: create_model(name, pretrained=False, num_classes=k), then
     # Sequential(Normalize, model).load_state_dict(ckpt['state_dict']) when 0.mean/0.std are present

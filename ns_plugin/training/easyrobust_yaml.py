@@ -13,7 +13,8 @@ options (``model``, ``lr``, ``epochs``, ``batch_size``, ``opt``, ``weight_decay`
   ``log_interval``...) are dropped (:data:`NO_EFFECT`);
 * every other EasyRobust key (mixup, label smoothing, RandAugment, layer decay, SGD...) has no counterpart
   in nullspace fine-tuning: refused with the mapping, or, with ``ignore_unsupported=True`` (``ns-plugin
-  train --ignore-unsupported``), dropped and listed once in a warning.
+  train --ignore-unsupported``), dropped and listed once in a warning;
+* a key that is neither ours nor an EasyRobust option (a typo) is always refused, with the closest name.
 
 ``method`` is the one method key; ``ns_method`` (the name an earlier ``train_one_epoch`` read) is accepted
 as an alias with a message.
@@ -37,6 +38,16 @@ NO_EFFECT = {"workers", "pin_mem", "log_interval", "experiment", "checkpoint_his
              "model_ema_force_cpu", "tta", "dataset_download", "class_map", "train_split", "val_split",
              "crop_pct", "interpolation", "no_resume_opt", "resume", "start_epoch", "opt_eps", "opt_betas",
              "momentum", "dataset"}
+#: the other options of EasyRobust's training scripts (timm's train.py argument set): known, but with no
+#: counterpart in nullspace fine-tuning (refused unless ignore_unsupported)
+EASYROBUST_ONLY = {
+    "aa", "attack_criterion", "aug_repeats", "aug_splits", "bce_loss", "bce_target_thresh", "bn_eps", "bn_momentum",
+    "bn_tf", "color_jitter", "cooldown_epochs", "cutmix_minmax", "decay_epochs", "decay_milestones", "decay_rate",
+    "drop", "drop_block", "drop_connect", "drop_path", "gp", "hflip", "input_size", "jsd_loss", "layer_decay",
+    "lr_cycle_decay", "lr_cycle_limit", "lr_cycle_mul", "lr_k_decay", "lr_noise", "lr_noise_pct", "lr_noise_std",
+    "mean", "std", "min_lr", "mixup_mode", "mixup_off_epoch", "mixup_prob", "mixup_switch_prob", "no_aug",
+    "no_standard_aug", "patience_epochs", "ratio", "recount", "remode", "reprob", "resplit", "scale", "split_bn",
+    "sync_bn", "train_interpolation", "vflip", "warmup_lr", "adv", "adv_eps", "adv_steps"}
 #: value checks for EasyRobust keys whose only accepted values are what we implement
 ACCEPTED_VALUES = {
     "opt": ({"adamw"}, "ns_plugin fine-tunes with AdamW (the paper's optimizer)"),
@@ -75,9 +86,15 @@ def translate(d: Dict[str, Any], known: set, *, ignore_unsupported: bool = False
         elif k in NO_EFFECT:
             dropped.append(k)
             continue
-        else:
+        elif k in EASYROBUST_ONLY:
             unsupported.append(f"{k}={v!r}")
             continue
+        else:
+            import difflib
+            close = difflib.get_close_matches(k, sorted(known | set(RENAMED)), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise NSPluginError(f"{source} has unknown key(s) [{k!r}]{hint} (neither an ns_plugin key nor an "
+                                f"EasyRobust training option); known keys: {', '.join(sorted(known))}")
         if target in out:
             raise NSPluginError(f"{source} sets {target!r} twice (as {k!r} and as {target!r}); keep one")
         out[target] = v
