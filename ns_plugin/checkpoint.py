@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from .errors import NSPluginError
+from .errors import NSPluginError, one_line
 
 _PLAIN = (str, int, float, bool, type(None))
 
@@ -48,7 +48,8 @@ def state_dict_of(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def atomic_save(obj: Any, path: os.PathLike | str) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``
+    (:func:`ns_plugin.io.atomic_write`)."""
     from .io import atomic_write
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
@@ -86,8 +87,12 @@ def read_checkpoint(path: os.PathLike | str, *, trust: bool = False,
     A bare state dict (no ``state_dict`` entry) is accepted too.
     """
     path = Path(path)
+    if path.is_dir():
+        raise NSPluginError(f"checkpoint {path} is a folder, not a file; pass the .pth file inside it")
     if not path.is_file():
         raise NSPluginError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise NSPluginError(f"checkpoint {path} is empty (0 bytes); it was not written completely, re-create it")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
@@ -95,13 +100,20 @@ def read_checkpoint(path: os.PathLike | str, *, trust: bool = False,
             raise NSPluginError(f"checkpoint {path} contains pickled Python objects that weights_only loading "
                                 f"refuses; re-save it as a state dict, or pass trust=True (--trust-checkpoint) "
                                 f"if you trust its source") from None
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise NSPluginError(f"checkpoint {path} is not a readable torch file ({str(e).splitlines()[0][:120]})") from None
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as e2:  # noqa: BLE001 - unpickling arbitrary files raises anything
+            raise NSPluginError(f"checkpoint {path} is not a readable torch file ({one_line(e2)})") from None
+    except PermissionError:
+        raise NSPluginError(f"checkpoint {path} is not readable (permission denied)") from None
+    except Exception as e:  # noqa: BLE001 - torch.load raises EOFError/KeyError/RuntimeError... on junk
+        raise NSPluginError(f"checkpoint {path} is not a readable torch file ({one_line(e)}); it may be "
+                            f"truncated or not a checkpoint at all") from None
     if isinstance(ckpt, nn.Module):  # only reachable with trust=True
         ckpt = ckpt.state_dict()
-    if not isinstance(ckpt, dict):
-        raise NSPluginError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
+    if not isinstance(ckpt, dict) or not ckpt:
+        what = "an empty dict" if isinstance(ckpt, dict) else "a " + type(ckpt).__name__
+        raise NSPluginError(f"checkpoint {path} holds {what}, not a state dict")
     if "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):
         out = dict(ckpt)
     elif "model" in ckpt and isinstance(ckpt["model"], dict):  # timm/DeiT training scripts
@@ -112,13 +124,33 @@ def read_checkpoint(path: os.PathLike | str, *, trust: bool = False,
     out["state_dict"] = strip_prefix(out["state_dict"])
     if isinstance(out.get("state_dict_ema"), dict):
         out["state_dict_ema"] = strip_prefix(out["state_dict_ema"])
+    if not isinstance(out.get("meta", {}), dict):
+        out["meta"] = {}
     out.setdefault("meta", {})
+    for key in ("state_dict", "state_dict_ema"):
+        if isinstance(out.get(key), dict):
+            check_finite(out[key], f"checkpoint {path}" + (" (EMA weights)" if key == "state_dict_ema" else ""))
     return out
+
+
+def check_finite(state_dict: Dict[str, Any], source: str = "checkpoint") -> None:
+    """Refuse weights holding NaN or infinity (a diverged or corrupted model) in one line."""
+    bad = [k for k, v in state_dict.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NSPluginError(f"{source} holds NaN or infinite weights in {len(bad)} tensor(s), e.g. {bad[0]}; "
+                            f"the model diverged or the file is corrupt; use another checkpoint")
 
 
 def load_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], *, source: str = "checkpoint") -> nn.Module:
     """``model.load_state_dict`` with one clear error when the checkpoint is for another architecture."""
     own = model.state_dict()
+    if not isinstance(state_dict, dict):
+        raise NSPluginError(f"{source} holds no state dict (a {type(state_dict).__name__})")
+    not_t = [k for k in own if k in state_dict and not isinstance(state_dict[k], torch.Tensor)]
+    if not_t:
+        raise NSPluginError(f"{source} is not a weights file: entry {not_t[0]!r} is a "
+                            f"{type(state_dict[not_t[0]]).__name__}, not a tensor")
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]

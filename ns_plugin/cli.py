@@ -23,8 +23,16 @@ def _available():
             yield name, mod
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (``ns-plugin train: error: ...``) and exit status 2."""
+
+    def error(self, message):  # noqa: D401 - argparse's hook
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="ns-plugin",
         description="Nullspace methods for vision transformers, plugged into timm, torchattacks, "
                     "robustbench and EasyRobust.")
@@ -56,7 +64,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     _show_library_messages()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a bad flag (one line already printed, status 2) or --help (0)
+        return int(e.code or 0)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
@@ -70,6 +81,10 @@ def guarded(run: Callable[[], Optional[int]], prog: str = "ns-plugin", *, interr
         return int(run() or 0)
     except NSPluginError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the environment refused (permissions, a full disk, a file where a folder goes)
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"{prog}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)

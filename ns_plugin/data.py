@@ -64,17 +64,75 @@ def tensors(ds: Dataset, limit: Optional[int] = None) -> Tuple[torch.Tensor, tor
     return torch.stack([a for a, _ in items]), torch.tensor([int(b) for _, b in items])
 
 
-class _CheckedLoader:
-    """PIL loader that turns unreadable files into one clear error."""
+def read_image(path: os.PathLike | str, what: str = "image", *, channels: Optional[int] = None) -> torch.Tensor:
+    """Read an image file as a float ``(C, H, W)`` tensor in [0, 1]: the one image reader of ns_plugin.
 
-    def __call__(self, path: str):
-        from PIL import Image, UnidentifiedImageError
-        try:
-            with open(path, "rb") as f:
-                return Image.open(f).convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise NSPluginError(f"cannot read image {path}: {e.__class__.__name__}; "
-                                f"remove or replace the file") from None
+    Conversions (each checked here): 8-bit images are divided by 255 and **16-bit** ones (PIL modes ``I;16*``,
+    and ``I`` with values in 0..65535) by 65535 (PIL's own ``convert("RGB")`` would saturate them); palette
+    images are expanded to their colours; transparency (``RGBA``, ``LA``, palette with transparency) is
+    composited on white; CMYK/YCbCr/LAB/HSV are converted to RGB; 1-bit images become grey; float images
+    (mode ``F``) must already lie in [0, 1]. Anything else is refused in one line. Grey images keep one
+    channel unless ``channels=3`` (repeated) is asked for; ``channels=1`` averages colour images.
+    """
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if path.is_dir():
+        raise NSPluginError(f"{what} {str(path)!r} is a folder, not an image file")
+    if not path.is_file():
+        raise NSPluginError(f"{what} file {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode.startswith("I;16"):
+                arr = np.asarray(im).astype(np.float32) / 65535.0
+            elif mode == "I":
+                raw = np.asarray(im)
+                if raw.size and (raw.min() < 0 or raw.max() > 65535):
+                    raise NSPluginError(f"{what} {str(path)!r} holds 32-bit integer pixels outside 0..65535; "
+                                        f"convert it to an 8- or 16-bit image")
+                arr = raw.astype(np.float32) / 65535.0
+            elif mode == "F":
+                arr = np.asarray(im).astype(np.float32)
+                if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1):
+                    raise NSPluginError(f"{what} {str(path)!r} holds float pixels outside [0, 1]; "
+                                        f"save it as an 8- or 16-bit image")
+            else:
+                if mode == "P":
+                    im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+                elif mode == "PA":
+                    im = im.convert("RGBA")
+                elif mode == "1":
+                    im = im.convert("L")
+                if im.mode in ("RGBA", "LA", "RGBa", "La"):
+                    grey = im.mode in ("LA", "La")
+                    rgba = im.convert("RGBA")
+                    bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    im = Image.alpha_composite(bg, rgba).convert("L" if grey else "RGB")
+                elif im.mode not in ("L", "RGB"):
+                    im = im.convert("RGB")
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+    except NSPluginError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise NSPluginError(f"cannot read {what} {str(path)!r} as an image ({e.__class__.__name__}); "
+                            f"remove or replace the file") from None
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+    if channels == 3 and t.shape[0] == 1:
+        t = t.expand(3, -1, -1).contiguous()
+    elif channels == 1 and t.shape[0] == 3:
+        t = t.mean(0, keepdim=True)
+    return t
+
+
+class _CheckedLoader:
+    """ImageFolder loader: :func:`read_image` as a 3-channel float tensor in [0, 1]."""
+
+    def __call__(self, path: str) -> torch.Tensor:
+        return read_image(path, "image", channels=3)
 
 
 def image_folder(root: os.PathLike | str, image_size: Optional[int] = None, *, resize: bool = True,
@@ -108,12 +166,11 @@ def image_folder(root: os.PathLike | str, image_size: Optional[int] = None, *, r
                             f"remove them (accepted: {', '.join(IMAGE_EXTENSIONS)})")
     if n_images == 0:
         raise NSPluginError(f"data folder {root} has class folders but no images; put images in root/<class>/")
-    if transform is None:
+    if transform is None:  # the loader gives float tensors in [0, 1] (read_image), not PIL images
         steps = []
         if image_size is not None and resize:
-            steps += [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
-        steps.append(transforms.ToTensor())
-        transform = transforms.Compose(steps)
+            steps += [transforms.Resize(image_size, antialias=True), transforms.CenterCrop(image_size)]
+        transform = transforms.Compose(steps) if steps else None
     ds = datasets.ImageFolder(str(root), transform=transform, loader=_CheckedLoader(),
                               allow_empty=True)
     if image_size is not None and not resize:

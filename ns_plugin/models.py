@@ -113,6 +113,15 @@ def check_images(x: torch.Tensor, model: Optional[nn.Module] = None, *, what: st
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise NSPluginError(f"{what} must be a (N, C, H, W) image batch, got {shape}")
+    if x.shape[0] == 0:
+        raise NSPluginError(f"{what} are an empty batch (N = 0); pass at least one image")
+    if not x.is_floating_point():
+        raise NSPluginError(f"{what} must be float images in [0, 1], got dtype {x.dtype}; convert with x.float() / 255")
+    if model is not None:
+        p = next(iter(model.parameters()), None)
+        if p is not None and p.is_floating_point() and x.dtype != p.dtype:
+            raise NSPluginError(f"{what} are {str(x.dtype).replace('torch.', '')} but the model's weights are "
+                                f"{str(p.dtype).replace('torch.', '')}; convert with x.to({p.dtype})")
     if not torch.isfinite(x).all():
         raise NSPluginError(f"{what} contain NaN or inf values; pass finite images in [0, 1]")
     lo, hi = float(x.min()), float(x.max())
@@ -270,3 +279,16 @@ def create_model(name_or_checkpoint="default", *, checkpoint=None, pretrained: b
             load_into(net, sd, source=f"checkpoint {checkpoint}")
         model.eval()
     return model
+
+
+def model_num_classes(model) -> Optional[int]:
+    """The number of outputs of a classifier (timm's ``num_classes``, else its last ``Linear`` layer)."""
+    _, core = unwrap(strip_parallel(model))
+    n = getattr(core, "num_classes", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    last = None
+    for m in core.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    return last.out_features if last is not None else None

@@ -268,4 +268,5 @@ def test_cli_noise(trained, digits, tmp_path, capsys):
     assert last["quality"]["n"] == 12 and "noisy_acc" in last["quality"] and last["record"]["steps"] <= 3
     bad = tmp_path / "bad.pt"
     assert main(["noise", "--checkpoint", str(ckpt), "--eps", "0", "--out", str(bad)]) == 2
-    assert "ns-plugin: error: eps must be" in capsys.readouterr().err and not bad.exists()
+    err = capsys.readouterr().err
+    assert "error: argument --eps: value must be" in err and not bad.exists()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from ns_plugin.errors import NSPluginError
@@ -44,8 +45,8 @@ def test_yaml_configs_in_benchmarks_are_valid():
     from ns_plugin.evaluation.harness import load_comparison_config
     files = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "configs", "compare", "*.yaml")))
     assert len(files) >= 5
-    for f in files:
-        assert load_comparison_config(f)["runs"]
+    for f in files:  # the ImageNet configs name a data folder of another machine: paths are checked at run time
+        assert load_comparison_config(f, check_paths=False)["runs"]
 
 
 #: ``ns-plugin`` with a deterministic Ctrl-C: the process sends itself SIGINT right after the first model's
@@ -120,3 +121,33 @@ def test_tiny_comparison_interrupt_resume_and_outputs(tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2 and "holds another run" in err and "Traceback" not in err
     assert (out / "run.json").read_text() == before
+    # evaluation is a function of config + seed: evaluate the NS model again, here, in another process with
+    # another RNG history (every attack, incl. PatchFool's and PGD's random starts, and CW)
+    from ns_plugin.evaluation.harness import load_comparison_config, run_comparison
+    torch.manual_seed(12345)
+    torch.rand(77)
+    ev_path = out / "evals" / "vit___ns.json"
+    old_eval = json.loads(ev_path.read_text())
+    tables_csv = {t: (out / t).read_text() for t in ("table2.csv", "table3.csv", "tables.md", "rows.json")}
+    ev_path.unlink()
+    run_comparison(load_comparison_config(cfg_path), out, progress=False, log=lambda *a: None)
+    new_eval = json.loads(ev_path.read_text())
+    timing = lambda d: {k: v for k, v in d.items() if not (k.endswith("_per_s") or k.endswith("_seconds"))}  # noqa: E731
+    assert timing(new_eval) == timing(old_eval)
+    assert {t: (out / t).read_text() for t in tables_csv} == tables_csv   # identical tables, byte for byte
+    assert (out / "cost.md").is_file()
+
+
+def test_a_comparison_failing_after_it_started_says_failed_in_run_json(tmp_path, monkeypatch):
+    from ns_plugin.evaluation import harness
+
+    def broken(self):
+        raise RuntimeError("disk on fire")
+    monkeypatch.setattr(harness.Comparison, "data", broken)   # a fault injected after the folder is claimed
+    cfg = harness.load_comparison_config(None, **{k: v for k, v in TINY.items() if k != "tables"},
+                                         tables={})
+    with pytest.raises(RuntimeError):
+        harness.run_comparison(cfg, tmp_path / "res", progress=False, log=lambda *a: None)
+    state = json.loads((tmp_path / "res" / "run.json").read_text())
+    assert state["status"] == "failed" and state["error"] == "RuntimeError: disk on fire", state
+    assert not (tmp_path / "res" / ".ns_plugin.lock").exists()

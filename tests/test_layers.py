@@ -7,7 +7,7 @@ PKG = Path(__file__).resolve().parents[1] / "ns_plugin"
 
 #: module-name prefix -> layer (the longest matching prefix wins); bottom first
 LAYERS = {
-    "ns_plugin.errors": 0, "ns_plugin._registry": 0, "ns_plugin.io": 0, "ns_plugin._lazy": 0,
+    "ns_plugin.errors": 0, "ns_plugin._registry": 0, "ns_plugin.io": 0, "ns_plugin._lazy": 0, "ns_plugin.validation": 0,
     "ns_plugin.models": 1, "ns_plugin.checkpoint": 1, "ns_plugin.data": 1, "ns_plugin.anatomy": 1,
     "ns_plugin.embedded": 1,
     "ns_plugin.nullspace": 2,

@@ -108,13 +108,13 @@ def test_config_yaml_flags_precedence_and_ranges(tmp_path):
     for path in sorted((ROOT / "benchmarks" / "configs").glob("*.yaml")):
         assert load_config(str(path)).method == path.stem
     assert {p.stem for p in (ROOT / "benchmarks" / "configs").glob("*.yaml")} >= set(METHODS)
-    with pytest.raises(NSPluginError, match=r"eps=0.0 is out of range"):
+    with pytest.raises(NSPluginError, match=r"^eps must be a finite number in \(0, 2\], got 0.0 \(out of range\)"):
         load_config(eps=0.0)
-    with pytest.raises(NSPluginError, match=r"eps=5.0 is out of range"):
+    with pytest.raises(NSPluginError, match=r"^eps must be .*got 5.0 \(out of range\)"):
         load_config(eps=5.0)
-    with pytest.raises(NSPluginError, match=r"lr=-1e-05 is out of range"):
+    with pytest.raises(NSPluginError, match=r"^lr must be .*got -1e-05 \(out of range\)"):
         load_config(lr=-1e-5)
-    with pytest.raises(NSPluginError, match=r"noise_lr=0.0 is out of range"):
+    with pytest.raises(NSPluginError, match=r"^noise_lr must be .*got 0.0 \(out of range\)"):
         load_config(noise_lr=0.0)
     bad = tmp_path / "bad.yaml"
     bad.write_text("methd: ns\n")
@@ -156,8 +156,8 @@ def test_cli_outputs_safe_checkpoints_log_and_plot_and_refuses_bad_input(tmp_pat
          "saved for another architecture"),
         (["--config", cfg, "--out", out, "--resume", "--world-size", "2"], "expects world_size 2 but the launch has 1"),
         (["--config", cfg, "--out", tmp_path / "new", "--method", "fancy"], "unknown trainer 'fancy'"),
-        (["--config", cfg, "--out", tmp_path / "new", "--eps", "-1"], "eps=-1.0 is out of range"),
-        (["--config", cfg, "--out", tmp_path / "new", "--lr", "7"], "lr=7.0 is out of range"),
+        (["--config", cfg, "--out", tmp_path / "new", "--eps", "-1"], "--eps: value must be a finite number in (0, 2], got '-1'"),
+        (["--config", cfg, "--out", tmp_path / "new", "--lr", "7"], "--lr: value must be a finite number in (0, 1], got '7'"),
         (["--config", cfg, "--out", tmp_path / "new2", "--resume"], "nothing to resume"),
     ]
     for argv, msg in cases:

@@ -241,25 +241,9 @@ def fit_watermark(wm: torch.Tensor, channels: int, size: Tuple[int, int]) -> tor
 
 def read_image(path: Union[str, Path], what: str = "image") -> torch.Tensor:
     """Read an image file as ``(C, H, W)`` float in [0, 1] (grey stays 1 channel; alpha is composited on
-    white)."""
-    from PIL import Image, UnidentifiedImageError
-    path = Path(path)
-    if not path.is_file():
-        raise NSPluginError(f"{what} file {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "P", "PA"):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, im).convert("RGB")
-            elif im.mode not in ("L", "RGB"):
-                im = im.convert("RGB")
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as e:
-        raise NSPluginError(f"cannot read {what} {str(path)!r} as an image: {e}") from None
-    t = torch.from_numpy(arr.copy())
-    return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+    white; 16-bit images are scaled by 65535): :func:`ns_plugin.data.read_image`."""
+    from ..data import read_image as _read
+    return _read(path, what)
 
 
 def write_image(path: Union[str, Path], x: torch.Tensor) -> Path:
@@ -274,10 +258,10 @@ def write_image(path: Union[str, Path], x: torch.Tensor) -> Path:
     from ..io import atomic_write
     fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
     try:
-        return atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format=fmt),
-                            suffix=path.suffix or ".png")
+        atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format=fmt))
     except (ValueError, OSError) as e:
         raise NSPluginError(f"cannot write image {str(path)!r}: {e}") from None
+    return path
 
 
 def text_watermark(text: str = "NS", size: Tuple[int, int] = (32, 32), channels: int = 3) -> torch.Tensor:

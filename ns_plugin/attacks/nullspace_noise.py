@@ -51,14 +51,13 @@ class NullspaceNoise(NSAttack):
 
     def __init__(self, model, std=0.1, box="project", seed=0, iters=50):
         super().__init__("NullspaceNoise", model)
-        if not (isinstance(std, (int, float)) and std >= 0):
-            raise NSPluginError(f"std must be a number >= 0, got {std!r}")
-        if box not in ("project", "shrink", "clip"):
-            raise NSPluginError(f"box must be 'project', 'shrink' or 'clip', got {box!r}")
-        self.std = float(std)
+        from ..validation import Choice, Float, Int, check_args
+        a = check_args("NullspaceNoise", std=(std, Float(0)), box=(box, Choice("project", "shrink", "clip")),
+                       seed=(seed, Int(0, optional=True)), iters=(iters, Int(0)))
+        self.std = a["std"]
         self.box = box
-        self.seed = seed
-        self.iters = int(iters)
+        self.seed = a["seed"]
+        self.iters = a["iters"]
         self.supported_mode = ["default"]
         ns = self._nullspace()  # fails here, with the reason, on models without a patch nullspace
         if ns.nullity == 0:

@@ -87,16 +87,17 @@ class PatchFool(NSAttack):
         _, core = self._core()
         mods = _attention_modules(core)
         depth = len(mods)
-        if not (isinstance(patches, int) and patches >= 1):
-            raise NSPluginError(f"patches must be an integer >= 1, got {patches!r}")
-        if eps is not None and not (0 < float(eps) <= 1):
-            raise NSPluginError(f"eps must be in (0, 1] (pixel units) or None, got {eps!r}")
-        self.patches = patches
-        self.eps = None if eps is None else float(eps)
-        self.steps = int(steps)
-        self.lr = float(lr)
-        self.gamma = float(gamma)
-        self.attn_weight = float(attn_weight)
+        from ..validation import Bool, Float, Int, check_args
+        a = check_args("PatchFool", patches=(patches, Int(1)), eps=(eps, Float(0, 1, lo_open=True, optional=True)),
+                       steps=(steps, Int(1)), lr=(lr, Float(0, lo_open=True)), gamma=(gamma, Float(0, 1, lo_open=True)),
+                       attn_weight=(attn_weight, Float(0)), select_layer=(select_layer, Int(0, optional=True)),
+                       sparse_pixels=(sparse_pixels, Int(1, optional=True)), random_start=(random_start, Bool()))
+        self.patches = a["patches"]
+        self.eps = a["eps"]
+        self.steps = a["steps"]
+        self.lr = a["lr"]
+        self.gamma = a["gamma"]
+        self.attn_weight = a["attn_weight"]
         self.select_layer = depth // 3 if select_layer is None else int(select_layer)
         if not 0 <= self.select_layer < depth:
             raise NSPluginError(f"select_layer must be in [0, {depth - 1}] for this {depth}-block model, got {select_layer}")

@@ -9,10 +9,12 @@ HELP = ("run the paper's comparison on the embedded default (digits + tiny ViT):
 
 
 def add_arguments(p):
-    p.add_argument("--out", default="results/demo",
+    from ..validation import PathCheck, argtype
+    p.add_argument("--out", default="results/demo", type=argtype(PathCheck("out_dir"), "--out"),
                    help="results folder (default: results/demo). A folder holding this same run is resumed; one "
                         "holding another run is refused")
-    p.add_argument("--config", metavar="YAML", help="comparison config (default: the built-in demo config)")
+    p.add_argument("--config", metavar="YAML",
+                   type=argtype(PathCheck("file"), "--config"), help="comparison config (default: the built-in demo config)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -25,7 +27,7 @@ def run(args) -> int:
         print(f"interrupted: partial results in {args.out} (tables marked PARTIAL); run the same command to resume")
         return 130
     print(res["tables"])
-    print(f"results: {args.out} (tables.md, table*.csv, leaderboard/, training_curves.png, checkpoints/)")
+    print(f"results: {args.out} (tables.md, table*.csv, cost.md, leaderboard/, training_curves.png, checkpoints/)")
     print(json.dumps({"out": str(args.out), "seconds": res["seconds_this_call"],
                       "rows": res["rows"], "timm_models": len(res["timm_models"])}))
     return 0

@@ -9,6 +9,7 @@ HELP = ("compare the patch-embedding nullspaces of two models (OpenReview:d8VrVf
 
 
 def add_arguments(p):
+    from ..validation import Float, PathCheck, argtype
     from ..applications.fingerprint import DEFAULT_THRESHOLD
     p.add_argument("reference", metavar="REFERENCE", nargs="?",
                    help="checkpoint file, a saved fingerprint (.pt from --save-fingerprint), 'default' (the "
@@ -16,11 +17,13 @@ def add_arguments(p):
     p.add_argument("suspect", metavar="SUSPECT", nargs="?", help="the same kinds as REFERENCE")
     p.add_argument("--arch", default="default", metavar="NAME",
                    help="architecture of checkpoint files: 'default' (the embedded tiny ViT) or a timm name")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+    p.add_argument("--threshold", type=argtype(Float(-1, 1), "--threshold"), default=DEFAULT_THRESHOLD,
                    help=f"decision threshold on the chance-corrected score (default {DEFAULT_THRESHOLD})")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow checkpoints that need full unpickling (only files you trust)")
-    p.add_argument("--save-fingerprint", metavar="PT", help="also save REFERENCE's fingerprint to this file")
+    p.add_argument("--save-fingerprint", metavar="PT",
+                   type=argtype(PathCheck("out_file"), "--save-fingerprint"),
+                   help="also save REFERENCE's fingerprint to this file")
     p.add_argument("--evaluate", action="store_true",
                    help="instead: build derived and unrelated models here and report true/false positive rates "
                         "(several minutes)")

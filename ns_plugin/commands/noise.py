@@ -11,28 +11,43 @@ HELP = "learn an encoder-level ε-approximate nullspace noise (Eq. 8) and print 
 
 
 def add_arguments(p):
+    from ..validation import Float, Int, PathCheck, argtype
     from ._common import add_model_args
     add_model_args(p)
-    p.add_argument("--data", metavar="DIR", help="ImageNet-style folder root/<class>/<image> to search on "
+    p.add_argument("--data", metavar="DIR",
+                   type=argtype(PathCheck("dir"), "--data"), help="ImageNet-style folder root/<class>/<image> to search on "
                                                  "(default: the embedded digits train split)")
-    p.add_argument("--eval-data", metavar="DIR", help="folder for the quality metrics (default: --data, or the "
+    p.add_argument("--eval-data", metavar="DIR",
+                   type=argtype(PathCheck("dir"), "--eval-data"), help="folder for the quality metrics (default: --data, or the "
                                                       "digits test split)")
-    p.add_argument("--eps", type=float, default=0.03, help="ε of the approximate nullspace (default 0.03)")
-    p.add_argument("--lim", type=float, default=3.0, help="init U(-lim, lim) (default 3)")
-    p.add_argument("--lr", type=float, default=0.1, help="AdamW learning rate of the noise (default 0.1)")
-    p.add_argument("--max-steps", type=int, default=3000, help="cap on noise updates (default 3000)")
-    p.add_argument("--batch-size", type=int, default=128, help="search batch size (default 128)")
+    p.add_argument("--eps",
+                   type=argtype(Float(0, 2, lo_open=True), "--eps"), default=0.03,
+                   help="ε of the approximate nullspace (default 0.03)")
+    p.add_argument("--lim", type=argtype(Float(0, 1e4, lo_open=True), "--lim"), default=3.0, help="init U(-lim, lim) (default 3)")
+    p.add_argument("--lr",
+                   type=argtype(Float(0, 100, lo_open=True), "--lr"), default=0.1,
+                   help="AdamW learning rate of the noise (default 0.1)")
+    p.add_argument("--max-steps",
+                   type=argtype(Int(0, 10 ** 7), "--max-steps"), default=3000, help="cap on noise updates (default 3000)")
+    p.add_argument("--batch-size",
+                   type=argtype(Int(1, 100_000), "--batch-size"), default=128, help="search batch size (default 128)")
     p.add_argument("--mode", choices=("fast", "faithful"), default="fast",
                    help="fast (shared patch embedding, one forward pair per step) or faithful (reference loop); "
                         "same result")
-    p.add_argument("--seed", type=int, default=0, help="seed of the init and the data order")
-    p.add_argument("--out", metavar="FILE", help="save {'noise', 'record', 'quality'} here (torch.save, atomic)")
-    p.add_argument("--plot", metavar="DIR", help="write the α-influence curve and the convex-combination "
+    p.add_argument("--seed", type=argtype(Int(0), "--seed"), default=0, help="seed of the init and the data order")
+    p.add_argument("--out", metavar="FILE",
+                   type=argtype(PathCheck("out_file"), "--out"),
+                   help="save {'noise', 'record', 'quality'} here (torch.save, atomic)")
+    p.add_argument("--plot", metavar="DIR",
+                   type=argtype(PathCheck("out_dir"), "--plot"), help="write the α-influence curve and the convex-combination "
                                                  "heatmap (Fig. 5) as PNGs into DIR")
-    p.add_argument("--num-noises", type=int, default=3,
+    p.add_argument("--num-noises", type=argtype(Int(1, 1000), "--num-noises"), default=3,
                    help="noises learnt from different inits for the --plot convex grid (default 3, >= 2)")
-    p.add_argument("--grid-step", type=float, default=0.1, help="α step of the convex-combination grid (default 0.1)")
-    p.add_argument("--eval-limit", type=int, metavar="N", help="use only the first N held-out images for the metrics")
+    p.add_argument("--grid-step",
+                   type=argtype(Float(0, 1, lo_open=True), "--grid-step"), default=0.1,
+                   help="α step of the convex-combination grid (default 0.1)")
+    p.add_argument("--eval-limit",
+                   type=argtype(Int(1), "--eval-limit"), metavar="N", help="use only the first N held-out images for the metrics")
     p.add_argument("--progress", action="store_true", help="show progress bars")
 
 

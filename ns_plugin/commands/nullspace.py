@@ -7,13 +7,14 @@ HELP = "exact patch-embedding nullspace: Table 1 for timm model names, and a Fig
 
 
 def add_arguments(p):
+    from ..validation import Float, PathCheck, argtype
     from ._common import add_model_args
     p.add_argument("models", nargs="*", metavar="MODEL",
                    help="timm model names (default: the rows of the paper's Table 1)")
-    p.add_argument("--figure", metavar="PNG",
+    p.add_argument("--figure", metavar="PNG", type=argtype(PathCheck("figure"), "--figure"),
                    help="also write a Fig. 2-style figure (image, noise, noisy image, predictions) for the "
                         "embedded tiny ViT (or --checkpoint)")
-    p.add_argument("--scale", type=float, default=None,
+    p.add_argument("--scale", type=argtype(Float(0, 1e6, lo_open=True, optional=True), "--scale"), default=None,
                    help="noise coefficient scale for the figure (default: the largest that keeps pixels in [0,1])")
     add_model_args(p)
 

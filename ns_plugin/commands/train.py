@@ -16,8 +16,11 @@ HELP = "fine-tune a model with ns / standard / random / madry / trades / dat / d
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..training.config import add_config_arguments
 
-    p.add_argument("-c", "--config", metavar="FILE", help="YAML file of option: value (see benchmarks/configs/)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: runs/<method>)")
+    from ..validation import PathCheck, argtype
+    p.add_argument("-c", "--config", metavar="FILE",
+                   type=argtype(PathCheck("file"), "--config"), help="YAML file of option: value (see benchmarks/configs/)")
+    p.add_argument("--out", metavar="DIR",
+                   type=argtype(PathCheck("out_dir"), "--out"), help="output folder (default: runs/<method>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pth")
     p.add_argument("--list-methods", action="store_true", help="list the registered methods and exit")
     p.add_argument("--ignore-unsupported", action="store_true",

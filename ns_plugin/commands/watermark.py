@@ -40,6 +40,7 @@ def load_named_model(name: str, checkpoint=None, *, trust: bool = False, use_ema
 
 
 def add_arguments(p):
+    from ..validation import PathCheck, argtype
     p.add_argument("image", metavar="IMAGE",
                    help="image file to watermark (must already have the model's input size, e.g. 32x32 for the "
                         "default; it is refused otherwise), or 'digits:K' for test digit K of the embedded data")
@@ -53,12 +54,14 @@ def add_arguments(p):
                    help="'exact' (batched semismooth Newton for p=2, batched interior-point LP for p=1; default), "
                         "'highs' (p=1 only, HiGHS simplex per patch) or the paper's SciPy "
                         "SLSQP (slow: seconds per patch)")
-    p.add_argument("--out", required=True, metavar="FILE",
+    p.add_argument("--out", required=True, metavar="FILE", type=argtype(PathCheck("out_file"), "--out"),
                    help="watermarked image (8-bit, format from the suffix, e.g. .png)")
-    p.add_argument("--save-tensor", metavar="PT",
+    p.add_argument("--save-tensor", metavar="PT", type=argtype(PathCheck("out_file"), "--save-tensor"),
                    help="also save the float watermarked image as a .pt tensor (8-bit files leave the nullspace by "
                         "up to 1/510 per pixel; the tensor is exact)")
-    p.add_argument("--figure", metavar="PNG", help="also write a figure: watermark, original, watermarked, |noise|")
+    p.add_argument("--figure", metavar="PNG",
+                   type=argtype(PathCheck("figure"), "--figure"),
+                   help="also write a figure: watermark, original, watermarked, |noise|")
 
 
 def _load_image(spec: str, size, channels, what: str):

@@ -45,20 +45,25 @@ def demo_config() -> Dict[str, Any]:
     return yaml.safe_load(files("ns_plugin").joinpath(DEMO_CONFIG_FILE).read_text(encoding="utf-8"))
 
 
-_TOP_KEYS = {"name", "data", "model", "seed", "training", "runs", "eval", "tables"}
-_TABLE_KEYS = {"table2", "table3", "table4"}
 
 # ----------------------------------------------------------------------------------------------------------
 # config
 # ----------------------------------------------------------------------------------------------------------
-def load_comparison_config(path: Optional[os.PathLike] = None, **overrides) -> Dict[str, Any]:
-    """The demo config, or a YAML file's (keys it omits take the demo's values), validated."""
+def load_comparison_config(path: Optional[os.PathLike] = None, *, check_paths: bool = True,
+                           **overrides) -> Dict[str, Any]:
+    """The demo config, or a YAML file's (keys it omits take the demo's values), validated
+    (:func:`validate_config`; ``check_paths=False`` skips the existence checks of data folders, for a config
+    written for another machine: :func:`run_comparison` checks them again before any work)."""
     cfg = demo_config()
     if path is not None:
         from ..io import read_yaml_mapping
         _merge(cfg, read_yaml_mapping(path))
     _merge(cfg, overrides)
-    return validate_config(cfg)
+    if check_paths:
+        return validate_config(cfg)
+    from ..validation import without_path_checks
+    with without_path_checks():
+        return validate_config(cfg)
 
 
 def _merge(base: Dict[str, Any], new: Dict[str, Any]) -> None:
@@ -72,37 +77,105 @@ def _merge(base: Dict[str, Any], new: Dict[str, Any]) -> None:
             base[k] = v
 
 
+def _compare_spec() -> Dict[str, Any]:
+    """The check of every comparison-config key (:mod:`ns_plugin.validation`); new keys are added here."""
+    from ..training.config import TRAIN_SPEC, check_model_name
+    from ..validation import (Bool, Choice, Custom, Float, Int, ListOf, Mapping_, OneOf, PathCheck, Str)
+    train = {k: v for k, v in TRAIN_SPEC.items() if k not in ("method", "model", "data")}
+    run = dict(train, name=Str(), method=Str(optional=True))
+    unit = Float(0, 1, lo_open=True)
+    return {
+        "name": Str(),
+        "data": PathCheck("dir", special=("digits",)),
+        "model": Custom(lambda v, w: _check_vit(check_model_name(Str()(v, w), w), w), "'default' or a timm ViT name"),
+        "seed": Int(0),
+        "training": Mapping_(train),
+        "runs": ListOf(Custom(lambda v, w: _check_run(v, w, run), "a run mapping"), min_len=1),
+        "eval": Mapping_({
+            "n_attack": Int(1), "fgsm_eps": unit,
+            "pgd": Mapping_({"eps": unit, "alpha": unit, "steps": Int(1), "random_start": Bool()}),
+            "cw": Mapping_({"c": Float(0, lo_open=True), "kappa": Float(0), "steps": Int(1),
+                            "lr": Float(0, lo_open=True)}),
+            "patchfool": Mapping_({"patches": Int(1), "eps": Float(0, 1, lo_open=True, optional=True),
+                                   "steps": Int(1), "lr": Float(0, lo_open=True), "gamma": Float(0, 1, lo_open=True),
+                                   "attn_weight": Float(0), "select_layer": Int(0, optional=True),
+                                   "attn_layers": ListOf(Int(0), min_len=1, optional=True),
+                                   "sparse_pixels": Int(1, optional=True), "random_start": Bool()},
+                                  optional=True),
+            "autoattack": Mapping_({"eps": unit, "version": Choice("standard", "plus", "rand")}, optional=True),
+            "damagenet": PathCheck("dir", optional=True),
+            "engine": Choice("fast", "easyrobust"),
+            "severities": ListOf(Int(1, 5), min_len=1),
+            "corruptions": OneOf(Choice("all"), ListOf(Choice(*IMAGENET_C), min_len=1)),
+        }),
+        "tables": Mapping_({"table2": ListOf(Str()), "table3": ListOf(Str()),
+                            "table4": ListOf(ListOf(Custom(_cell, "a text or number"), length=3))}),
+    }
+
+
+def _check_run(r, where, spec):
+    from ..validation import Str, validate
+    if not isinstance(r, dict) or "name" not in r:
+        raise NSPluginError(f"{where} must be a mapping with a name (and a method, null for the baseline), got {r!r}")
+    name = Str()(r["name"], f"{where}.name")
+    return validate(r, spec, f"run {name!r}", prefix=f"run {name!r}:")
+
+
+def _cell(v, where):
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise NSPluginError(f"{where} must be a text or a number, got {v!r}")
+    return v
+
+
+def _check_vit(name: str, where: str = "model") -> str:
+    """The comparison fine-tunes with encoder-level nullspace noise and runs PatchFool: it needs a ViT (a
+    model with a patch embedding). Checked on the meta device (no weights, no download): milliseconds."""
+    if name == "default":
+        return name
+    import timm
+    import torch
+    try:
+        with torch.device("meta"):
+            net = timm.create_model(name, pretrained=False)
+    except Exception:  # noqa: BLE001 - some models cannot be built on the meta device: checked when built
+        return name
+    if getattr(net, "patch_embed", None) is None:
+        raise NSPluginError(f"{where} {name!r} is not a vision transformer (no patch embedding); the comparison "
+                            f"needs a ViT such as vit_tiny_patch16_224, or 'default'")
+    return name
+
+
 def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Refuse unknown keys and methods with one clear line each."""
-    import difflib
+    """The whole comparison config in one pass, in seconds, before any work: every key's type and range
+    (:func:`_compare_spec`), unique run names, registered methods, tables naming existing runs, and each
+    run's complete training config (so ``training: {rounds: abc}`` fails now, not after the baseline)."""
     from ..training import config as tc
     from ..training import trainers
+    from ..validation import validate
 
-    def unknown(keys, known, where):
-        for k in keys:
-            if k not in known:
-                close = difflib.get_close_matches(k, sorted(known), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise NSPluginError(f"unknown key {k!r} in {where}{hint} (known: {', '.join(sorted(known))})")
-
-    unknown(cfg, _TOP_KEYS, "the comparison config")
-    unknown(cfg["eval"], set(demo_config()["eval"]), "eval")
-    unknown(cfg["tables"], _TABLE_KEYS, "tables")
-    train_keys = {f.name for f in __import__("dataclasses").fields(tc.TrainConfig)} - {"method", "model", "data"}
-    unknown(cfg["training"], train_keys, "training")
-    runs = cfg["runs"]
-    if not isinstance(runs, list) or not runs:
-        raise NSPluginError("runs must be a non-empty list; the first run is the baseline")
+    cfg = validate(cfg, _compare_spec(), "the comparison config", prefix="")
+    for k in ("name", "data", "model", "seed", "training", "runs", "eval", "tables"):
+        if k not in cfg:
+            raise NSPluginError(f"the comparison config needs the key {k!r}")
+    from ..validation import _CHECK_PATHS
+    if cfg["data"] != "digits" and _CHECK_PATHS.get() and not (Path(cfg["data"]) / "imagenet-val").is_dir():
+        raise NSPluginError(f"data folder {cfg['data']} has no imagenet-val/; lay it out as EasyRobust's benchmarks/data "
+                            f"(imagenet-val, imagenet-c, imagenet-a, imagenet-r, imagenet-sketch, imagenetv2, "
+                            f"imagenet-style) and training images in train/")
     names = set()
-    for r in runs:
-        if not isinstance(r, dict) or "name" not in r:
-            raise NSPluginError(f"each run needs a name, got {r!r}")
-        unknown([k for k in r if k not in ("name", "method")], train_keys, f"run {r['name']!r}")
+    for r in cfg["runs"]:
         if r["name"] in names:
             raise NSPluginError(f"run name {r['name']!r} appears twice")
         names.add(r["name"])
         if r.get("method") is not None:
             trainers.get(r["method"])
+            d = dict(cfg["training"])
+            d.update({k: v for k, v in r.items() if k != "name"})
+            d.update(model=cfg["model"], data=cfg["data"], seed=cfg["seed"])
+            try:
+                tc.TrainConfig.from_dict(d).validate()
+            except NSPluginError as e:
+                raise NSPluginError(f"run {r['name']!r}: {e}") from None
     for t, rows in cfg["tables"].items():
         flat = [n for row in rows for n in (row[1:] if isinstance(row, list) else [row])]
         for n in flat:
@@ -145,7 +218,8 @@ class Comparison:
     def claim(self) -> str:
         """Take the results folder: new, or a run of the same config (resumed). Another run is refused."""
         state = self.out / "run.json"
-        if self.out.exists() and any(self.out.iterdir()):
+        from ..io import LOCK_NAME
+        if self.out.exists() and any(p.name != LOCK_NAME for p in self.out.iterdir()):
             if not state.is_file():
                 raise NSPluginError(f"{self.out} exists and is not an ns_plugin results folder; choose another --out")
             prev = json.loads(state.read_text())
@@ -162,6 +236,8 @@ class Comparison:
     def _state(self, status: str, **extra) -> None:
         path = self.out / "run.json"
         prev = json.loads(path.read_text()) if path.is_file() else {}
+        if status != "failed":
+            prev.pop("error", None)
         prev.update({"config_hash": self.hash, "status": status, "updated": time.strftime("%Y-%m-%d %H:%M:%S")},
                     **extra)
         _write_json(path, prev)
@@ -256,7 +332,8 @@ class Comparison:
             if isinstance(atk, str):
                 res[col], res["notes"][col] = None, atk
                 continue
-            acc, ips = attack_accuracy(model, atk, x, y)
+            with seeded(attack_seed(self.cfg["seed"], col)):  # the numbers are a function of config + seed
+                acc, ips = attack_accuracy(model, atk, x, y)
             res[col], res[f"{col}_images_per_s"] = acc, round(ips, 1)
         dn = ev.get("damagenet")
         if dn and Path(dn).is_dir():
@@ -308,14 +385,14 @@ class Comparison:
     # -- outputs --------------------------------------------------------------------------------------------
     def tables(self, evals: Dict[str, Dict[str, Any]], partial: bool) -> str:
         """Write ``tables.md``, ``table*.csv`` and ``rows.json`` (:func:`.report.tables_markdown`)."""
-        from .report import csv_text, table_rows, tables_markdown
+        from .report import cost_markdown, csv_text, table_rows, tables_markdown
         rows = table_rows(evals, self.baseline_name)
         timings = json.loads((self.out / "timings.json").read_text()) if (self.out / "timings.json").is_file() else {}
-        text, csvs = tables_markdown(self.cfg, evals, rows, baseline=self.baseline_name, partial=partial,
-                                     timings=timings)
+        text, csvs = tables_markdown(self.cfg, evals, rows, baseline=self.baseline_name, partial=partial)
         for key, table in csvs.items():
             _write_text(self.out / f"{key}.csv", csv_text(table))
         _write_text(self.out / "tables.md", text)
+        _write_text(self.out / "cost.md", cost_markdown(evals, timings))
         _write_json(self.out / "rows.json", rows)
         return text
 
@@ -364,8 +441,22 @@ class Comparison:
 
     # -- orchestration --------------------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
+        """Own the results folder (:func:`ns_plugin.io.claim_output`: a second comparison writing into it
+        fails at once), then run or resume; a failure ends with ``run.json`` saying ``failed`` and why."""
+        from ..io import claim_output
+        with claim_output(self.out, what=f"ns-plugin comparison {self.cfg['name']!r}"):
+            status = self.claim()
+            try:
+                return self._run(status)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 - record why, then let it propagate unchanged
+                from ..errors import one_line
+                self._state("failed", error=one_line(e))
+                raise
+
+    def _run(self, status: str) -> Dict[str, Any]:
         from tqdm.auto import tqdm
-        status = self.claim()
         if status == "complete":
             self.log(f"{self.out} already holds this run (complete); reporting it")
         elif status != "new":
@@ -439,6 +530,41 @@ def _bench_cache() -> Path:
 def _load(ck: Path):
     from ..models import create_model
     return create_model(ck).eval()
+
+
+def attack_seed(seed: int, column: str) -> int:
+    """The seed of one attack column: the same for every model of a comparison (equal random starts) and
+    every run of the same config, so tables are reproducible, whatever ran before in the process."""
+    return int(hashlib.sha256(f"{seed}:{column}".encode()).hexdigest()[:12], 16)
+
+
+class seeded:
+    """``with seeded(s):`` torch (CPU and CUDA), Python and NumPy RNGs seeded with ``s`` inside the block,
+    and restored afterwards (the caller's random streams are left untouched)."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def __enter__(self):
+        import random
+
+        import numpy as np
+        import torch
+        self._fork = torch.random.fork_rng(devices=list(range(torch.cuda.device_count())))
+        self._fork.__enter__()
+        self._py, self._np = random.getstate(), np.random.get_state()
+        torch.manual_seed(self.seed)
+        random.seed(self.seed)
+        np.random.seed(self.seed % (2 ** 32))
+        return self
+
+    def __exit__(self, *exc):
+        import random
+
+        import numpy as np
+        random.setstate(self._py)
+        np.random.set_state(self._np)
+        return self._fork.__exit__(*exc)
 
 
 def run_comparison(cfg: Dict[str, Any], out: os.PathLike, *, progress: bool = True, log=None) -> Dict[str, Any]:

@@ -67,8 +67,11 @@ def table_rows(evals: Dict[str, Dict[str, Any]], baseline: Optional[str]) -> Dic
 def tables_markdown(cfg: Dict[str, Any], evals: Dict[str, Dict[str, Any]], rows: Dict[str, Dict[str, Any]], *,
                     baseline: Optional[str], partial: bool = False,
                     timings: Optional[Dict[str, Dict[str, Any]]] = None) -> Tuple[str, Dict[str, Table]]:
-    """``tables.md`` text and the CSV tables (``{"table2": (header, rows), ...}``) of a comparison."""
-    timings = timings or {}
+    """``tables.md`` text and the CSV tables (``{"table2": (header, rows), ...}``) of a comparison.
+
+    Only numbers that are a function of the config and its seed go here, so two runs of one config write
+    identical tables; the wall-clock cost is :func:`cost_markdown` (``cost.md``). ``timings`` is accepted for
+    compatibility and unused."""
     ev = cfg["eval"]
     md = io.StringIO()
     csvs: Dict[str, Table] = {}
@@ -113,11 +116,20 @@ def tables_markdown(cfg: Dict[str, Any], evals: Dict[str, Dict[str, Any]], rows:
     notes = sorted({f"{c}: {v}" for e in evals.values() for c, v in e.get("notes", {}).items()})
     if notes:
         md.write("Notes:\n" + "".join(f"- {n}\n" for n in notes) + "\n")
+    md.write("Wall-clock cost of each run: cost.md.\n")
+    return md.getvalue(), csvs
+
+
+def cost_markdown(evals: Dict[str, Dict[str, Any]], timings: Optional[Dict[str, Dict[str, Any]]] = None) -> str:
+    """``cost.md``: fine-tuning and evaluation seconds and throughput per run (machine-dependent, so kept out
+    of the tables)."""
+    timings = timings or {}
+    md = io.StringIO()
     md.write("## Cost\n\n| Run | fine-tune s | eval s | clean img/s | PGD img/s |\n|---|---|---|---|---|\n")
     for n, e in evals.items():
         md.write(f"| {n} | {timings.get(n, {}).get('finetune_seconds', '')} | {e.get('eval_seconds', '')} | "
                  f"{e.get('clean_images_per_s', '')} | {e.get('PGD_images_per_s', '')} |\n")
-    return md.getvalue(), csvs
+    return md.getvalue()
 
 
 def leaderboard_dataset(cfg: Dict[str, Any]) -> str:

@@ -178,6 +178,8 @@ class PatchNullspace:
                                 "use the approximate generator in ns_plugin.nullspace.search")
         gh, gw = self._grid(image_size)
         shape = (n, gh * gw if per_patch else 1, self.nullity)
+        from ..validation import Float
+        scale = Float(0)(scale, "scale")
         coeffs = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
         coeffs = coeffs.expand(n, gh * gw, self.nullity)
         return self.coefficients_to_image(coeffs, image_size or self.image_size).to(dtype)
@@ -317,8 +319,9 @@ def exact_nullspace(model: nn.Module, *, tol: Optional[float] = None, space: str
     n = mat.shape[1]
     if tol is None:
         tol = max(d, n) * torch.finfo(torch.float64).eps * (float(s[0]) if s.numel() else 0.0)
-    elif tol < 0:
-        raise NSPluginError(f"tol must be >= 0, got {tol}")
+    else:
+        from ..validation import Float
+        tol = Float(0)(tol, "tol")
     rank = int((s > tol).sum())
     img = None
     pe = getattr(core, "patch_embed", None)
@@ -406,7 +409,12 @@ def figure2(model: nn.Module, out, *, x: Optional[torch.Tensor] = None, scale: O
     import matplotlib.pyplot as plt
 
     from ..data import load_digits
+    from ..io import check_figure_suffix
+    from ..validation import Float
 
+    check_figure_suffix(out)
+    if scale is not None:
+        scale = Float(0, lo_open=True)(scale, "scale")
     ns = exact_nullspace(model)
     if x is None:
         x = load_digits().test.tensors[0][:n]

@@ -60,8 +60,8 @@ def _search(model, data, *, level, eps, lim, lr, max_steps, init, expand, max_ex
         raise NSPluginError(f"expand must be None or a growth factor >= 1 (e.g. 1.1), got {expand!r}")
     if not (isinstance(max_expand, int) and not isinstance(max_expand, bool) and max_expand >= 0):
         raise NSPluginError(f"max_expand must be a non-negative integer, got {max_expand!r}")
-    if weight_decay < 0:
-        raise NSPluginError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    from ..validation import Float
+    weight_decay = Float(0)(weight_decay, "weight_decay")
     if not isinstance(model, nn.Module):
         raise NSPluginError(f"expected a torch.nn.Module model, got {type(model).__name__}")
     g, net, dev = _prepare(model, generator)

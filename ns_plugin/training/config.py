@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, Sequence
 
@@ -77,51 +76,18 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> "TrainConfig":
-        """Raise :class:`NSPluginError` for out-of-range values (one line, naming the fix)."""
+        """Check every field against :data:`TRAIN_SPEC` (types, ranges, paths; one line naming the fix) and
+        store the normalised values (``"1e-5"`` -> 1e-05, ``2.0`` -> 2). Cheap: no model or data is loaded."""
         from .._registry import trainers  # filled by ns_plugin.training (imported before this module)
+        from ..validation import validate
+
+        d = dataclasses.asdict(self)
+        missing = [k for k in d if k not in TRAIN_SPEC]
+        assert not missing, f"TrainConfig fields without a TRAIN_SPEC check: {missing}"
+        for k, v in validate(d, TRAIN_SPEC, "config").items():
+            setattr(self, k, v)
         trainers.get(self.method)
-
-        def num(name, lo, hi, lo_open=True, hi_open=False):
-            v = getattr(self, name)
-            if v is None:
-                return
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise NSPluginError(f"{name} must be a finite number, got {v!r}")
-            bad = (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi)
-            if bad:
-                lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
-                raise NSPluginError(f"{name}={v} is out of range; use a value in {lb}{lo}, {hi}{rb}")
-
-        num("eps", 0, 2)  # the MSE probability of two softmax vectors is at most 2
-        num("lr", 0, 1)
-        num("noise_lr", 0, 100)
-        num("lim", 0, 1e4)
-        num("weight_decay", 0, 10, lo_open=False)
-        num("model_ema_decay", 0, 1, hi_open=True)
-        num("pgd_eps", 0, 1)
-        num("pgd_alpha", 0, 1)
-        num("trades_beta", 0, 1e4, lo_open=False)
-        num("madry_clean_weight", 0, 1e4, lo_open=False)
-        num("dat_eps", 0, 1e3)
-        num("dat_lr", 0, 1e3)
-        num("dat_random_start_prob", 0, 1, lo_open=False)
-        num("clip_grad", 0, 1e9)
-        num("random_norm", 0, 1e9)
-        for name in ("rounds", "steps_per_round", "batch_size", "noise_max_steps", "search_batch_size",
-                     "pgd_steps", "dat_steps", "probe_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise NSPluginError(f"{name} must be a positive integer, got {v!r}")
-        if self.world_size is not None and (not isinstance(self.world_size, int) or self.world_size < 1):
-            raise NSPluginError(f"world_size must be a positive integer or null, got {self.world_size!r}")
-        if self.train_limit is not None and (not isinstance(self.train_limit, int) or self.train_limit < 1):
-            raise NSPluginError(f"train_limit must be a positive integer, got {self.train_limit!r}")
-        if self.sched not in ("cosine", "constant"):
-            raise NSPluginError(f"sched must be 'cosine' or 'constant', got {self.sched!r}")
-        if self.search not in ("fast", "faithful"):
-            raise NSPluginError(f"search must be 'fast' or 'faithful', got {self.search!r}")
-        if self.vqgan not in VQGAN_CONFIGS:
-            raise NSPluginError(f"vqgan must be one of {sorted(VQGAN_CONFIGS)}, got {self.vqgan!r}")
+        check_model_name(self.model)
         return self
 
     @property
@@ -140,6 +106,48 @@ class TrainConfig:
         return cls(**d)
 
 
+def _train_spec():
+    from ..validation import Bool, Choice, Float, Int, PathCheck, Str
+    pos = Int(1)
+    return {
+        "method": Str(), "rounds": pos, "steps_per_round": pos, "batch_size": pos,
+        "lr": Float(0, 1, lo_open=True), "weight_decay": Float(0, 10),
+        "sched": Choice("cosine", "constant"), "clip_grad": Float(0, 1e9, lo_open=True, optional=True),
+        "model_ema": Bool(), "model_ema_decay": Float(0, 1, lo_open=True, hi_open=True), "amp": Bool(),
+        "seed": Int(0), "world_size": Int(1, optional=True),
+        # the MSE probability of two softmax vectors is at most 2
+        "eps": Float(0, 2, lo_open=True), "lim": Float(0, 1e4, lo_open=True),
+        "noise_lr": Float(0, 100, lo_open=True), "noise_max_steps": pos, "search": Choice("fast", "faithful"),
+        "search_batch_size": pos, "warm_start": Bool(optional=True),
+        "random_norm": Float(0, 1e9, lo_open=True, optional=True),
+        "pgd_eps": Float(0, 1, lo_open=True), "pgd_alpha": Float(0, 1, lo_open=True), "pgd_steps": pos,
+        "madry_clean_weight": Float(0, 1e4), "trades_beta": Float(0, 1e4),
+        "vqgan": Choice(*VQGAN_CONFIGS), "vqgan_seed": Int(0),
+        "dat_eps": Float(0, 1e3, lo_open=True), "dat_steps": pos, "dat_lr": Float(0, 1e3, lo_open=True),
+        "dat_random_start_prob": Float(0, 1),
+        "model": Str(), "pretrained": Bool(), "checkpoint": PathCheck("file", optional=True),
+        "num_classes": Int(1, 100_000, optional=True),
+        "data": PathCheck("dir", special=("digits",)), "image_size": Int(1, 8192, optional=True),
+        "train_limit": Int(1, optional=True),
+        "probe": Bool(), "probe_size": pos, "plot": Bool(), "progress": Bool(),
+    }
+
+
+def check_model_name(name: str, where: str = "model") -> str:
+    """``"default"`` or a model name timm knows (``name.tag`` pretrained tags allowed), else one line."""
+    if name == "default":
+        return name
+    import timm
+    base = name.split(".", 1)[0]
+    known = timm.list_models()
+    if base not in known:
+        import difflib
+        close = difflib.get_close_matches(base, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise NSPluginError(f"{where} {name!r} is neither 'default' nor a timm model name{hint}")
+    return name
+
+
 #: VQGAN settings for DAT. ``small`` is a randomly initialised model that runs on 32x32 images on a CPU
 #: (``ch`` must be a multiple of 32 because the VQGAN uses GroupNorm(32)); ``openimages_f8_16384`` is the
 #: pretrained model EasyRobust's DAT example downloads.
@@ -156,46 +164,23 @@ VQGAN_CONFIGS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def _bool(s: str) -> bool:
-    if isinstance(s, bool):
-        return s
-    v = str(s).strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
-
-def _opt(conv):
-    def f(s):
-        if s is None or str(s).lower() in ("none", "null", ""):
-            return None
-        return conv(s)
-    f.__name__ = getattr(conv, "__name__", "value")
-    return f
+#: The check of every :class:`TrainConfig` field (:mod:`ns_plugin.validation`): used by ``validate()``, the
+#: YAML reader and the ``--flags``. A new config field adds its check here (a test checks none is missing).
+TRAIN_SPEC: Dict[str, Any] = _train_spec()
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """One ``--flag`` per :class:`TrainConfig` field (``steps_per_round`` -> ``--steps-per-round``)."""
+    from ..validation import Bool, argtype
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        if "bool" in t:
-            conv = _bool
-        elif "int" in t and "float" not in t:
-            conv = int
-        elif "float" in t:
-            conv = float
-        else:
-            conv = str
-        if "Optional" in t:
-            conv = _opt(conv)
-        kw = dict(default=default, dest=f.name, metavar=f.name.upper() if conv is not _bool else "BOOL",
-                  type=conv, help=f"(default: {default})")
-        if conv is _bool:
+        check = TRAIN_SPEC[f.name]
+        is_bool = isinstance(check, Bool)
+        kw = dict(default=default, dest=f.name, metavar=f.name.upper() if not is_bool else "BOOL",
+                  type=argtype(check, flag), help=f"(default: {default})")
+        if is_bool:
             kw["nargs"] = "?"
             kw["const"] = True
         p.add_argument(flag, **kw)

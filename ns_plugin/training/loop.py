@@ -30,8 +30,8 @@ from ..errors import NSPluginError
 from ..evaluation.report import plot_log, write_log
 from .config import TrainConfig
 from .distributed import init_distributed, search_and_broadcast
-from .state import (CHECKPOINT_FORMAT, RESUME_FIXED, BatchStream, ModelEma, architecture_signature,  # noqa: F401
-                    rng_state, seed_everything, set_rng_state)
+from .state import (CHECKPOINT_FORMAT, BatchStream, ModelEma, architecture_signature,  # noqa: F401
+                    resume_conflicts, rng_state, seed_everything, set_rng_state)
 
 # ---------------------------------------------------------------------------------------------------
 # model and data
@@ -59,7 +59,11 @@ def build_data(cfg: TrainConfig, model: nn.Module):
         root = Path(cfg.data)
         if not root.is_dir():
             raise NSPluginError(f"data folder {root} does not exist; use data: digits or an ImageFolder root")
-        size = cfg.image_size or ((input_size(model) or (3, None, None))[1])
+        want = (input_size(model) or (3, None, None))[1]
+        if cfg.image_size and want and cfg.image_size != want:
+            raise NSPluginError(f"image_size {cfg.image_size} does not match the model's input size {want}; drop "
+                                f"image_size (images are resized to {want}) or use a model for {cfg.image_size}")
+        size = cfg.image_size or want
         tr = root / "train" if (root / "train").is_dir() else root
         train = image_folder(tr, size)
         probe = None
@@ -73,6 +77,27 @@ def build_data(cfg: TrainConfig, model: nn.Module):
         else:
             train = Subset(train, range(n))
     return train, probe
+
+
+def _check_data_classes(cfg: TrainConfig, model: nn.Module, train_set) -> Optional[List[str]]:
+    """The training folder's class names, after checking they fit the model's outputs (before any work)."""
+    from ..models import model_num_classes
+    from ..validation import dataset_classes, match_classes
+    classes = dataset_classes(train_set)
+    if classes is None and cfg.data == "digits":
+        classes = [str(i) for i in range(10)]
+    if classes is None:
+        return None
+    n = model_num_classes(model)
+    if cfg.data == "digits":
+        where, fix = "the digits data", "start from a 10-class model (drop num_classes / use a 10-class checkpoint)"
+    else:
+        where = f"data folder {cfg.data}"
+        fix = ("set num_classes to the folder's class count (a new head)" if cfg.model != "default"
+               else "the embedded default has 10 classes: use a timm model with num_classes, or 10 class folders")
+    idx = match_classes(classes, n, None, where=where, fix=fix)
+    assert idx is None
+    return classes
 
 
 def _fetch(ds, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -136,6 +161,7 @@ class Trainer:
         self.train_set, self.probe = train_set, probe
         if len(train_set) < 1:
             raise NSPluginError("the training set is empty")
+        self.classes = _check_data_classes(cfg, raw, train_set)
 
         self.raw = raw.to(self.device).train()
         self.model: nn.Module = self.raw
@@ -287,7 +313,7 @@ class Trainer:
     def _meta(self) -> Dict[str, Any]:
         return {"format": CHECKPOINT_FORMAT, "method": self.cfg.method, "arch": self.arch,
                 "model": self.cfg.model, "world_size": self.world, "round": self.round,
-                "rounds": self.cfg.rounds, "config": self.cfg.to_dict()}
+                "rounds": self.cfg.rounds, "config": self.cfg.to_dict(), "classes": self.classes}
 
     def _gather_rng(self) -> List[Dict[str, Any]]:
         st = rng_state(self.device)
@@ -322,11 +348,12 @@ class Trainer:
         if meta.get("world_size") != self.world:
             raise NSPluginError(f"{last} was written by {meta.get('world_size')} process(es) but this launch has "
                                 f"{self.world}; resume with torchrun --nproc_per_node {meta.get('world_size')}")
-        old = meta.get("config", {})
-        for k in RESUME_FIXED:
-            if k in old and old[k] != getattr(self.cfg, k):
-                raise NSPluginError(f"{last} was run with {k}={old[k]!r} but the config now says "
-                                    f"{getattr(self.cfg, k)!r}; resume with the same {k}")
+        diff = resume_conflicts(meta.get("config", {}) or {}, self.cfg.to_dict())
+        if diff:
+            was = ", ".join(f"{k}={a!r}" for k, (a, _) in diff.items())
+            new = ", ".join(f"{k}={b!r}" for k, (_, b) in diff.items())
+            raise NSPluginError(f"cannot resume {last}: it was run with {was} but now {new}; resume with the same "
+                                f"settings, or start fresh with another --out (or delete {self.out})")
 
     def _load_state(self, ckpt: Dict[str, Any]) -> None:
         from ..checkpoint import load_into
@@ -374,8 +401,16 @@ def train(cfg: TrainConfig, out: Optional[os.PathLike] = None, *, resume: bool =
     """Fine-tune with ``cfg.method`` (see :mod:`ns_plugin.training.methods`); returns a summary with the
     per-round ``log``. With ``out``: ``out/last.pth`` (resumable), ``out/model.pth`` (safe, final),
     ``out/log.csv``, ``out/log.json`` and ``out/fig4.png``. ``resume=True`` continues from ``out``."""
-    t = Trainer(cfg, out, model=model, train_set=train_set, probe=probe, resume=resume)
-    summary = t.run()
+    from ..io import claim_output
+
+    cfg.validate()
+    if resume and out is None:
+        raise NSPluginError("resume needs an output folder (--out DIR)")
+    # only rank 0 writes into `out`; it owns the folder for the whole run (a second writer fails at once)
+    owner = out is not None and int(os.environ.get("RANK", "0")) == 0
+    with claim_output(out, what=f"ns-plugin train ({cfg.method})", enabled=owner):
+        t = Trainer(cfg, out, model=model, train_set=train_set, probe=probe, resume=resume)
+        summary = t.run()
     summary["model"] = t.raw
     summary["ema"] = t.ema.module if t.ema else None
     return summary

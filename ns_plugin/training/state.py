@@ -13,8 +13,21 @@ import torch
 from torch import nn
 
 CHECKPOINT_FORMAT = "ns_plugin.train.v1"
-#: Config keys that must not change when a run is resumed (they define the data order and schedule).
-RESUME_FIXED = ("model", "data", "batch_size", "steps_per_round", "rounds", "seed", "train_limit", "sched")
+#: Config keys that may differ when a run is resumed: they cannot change its result (progress bars, the final
+#: plot drawn from the log). Every other key is compared with the checkpoint's ("resume refuses what it
+#: cannot honour"), including keys added to TrainConfig later.
+RESUME_FREE = ("progress", "plot")
+
+
+def resume_conflicts(old: Dict[str, Any], now: Dict[str, Any]) -> Dict[str, tuple]:
+    """``{key: (checkpoint value, new value)}`` for every result-affecting setting that differs (keys the old
+    checkpoint does not record are not compared; 1 and 1.0 are equal)."""
+    def same(a, b):
+        num = (int, float)
+        if isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool) and not isinstance(b, bool):
+            return float(a) == float(b)
+        return a == b
+    return {k: (old[k], v) for k, v in now.items() if k not in RESUME_FREE and k in old and not same(old[k], v)}
 
 
 class ModelEma:
