@@ -104,6 +104,7 @@ def _compare_spec() -> Dict[str, Any]:
                                   optional=True),
             "autoattack": Mapping_({"eps": unit, "version": Choice("standard", "plus", "rand")}, optional=True),
             "damagenet": PathCheck("dir", optional=True),
+            "leaderboard_dataset": Str(optional=True),
             "engine": Choice("fast", "easyrobust"),
             "severities": ListOf(Int(1, 5), min_len=1),
             "corruptions": OneOf(Choice("all"), ListOf(Choice(*IMAGENET_C), min_len=1)),
