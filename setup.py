@@ -18,11 +18,17 @@ setup(
     python_requires=">=3.10",
     license="MIT",
     packages=find_packages(include=["ns_plugin", "ns_plugin.*"]),
-    package_data={"ns_plugin": ["configs/*.yaml", "_site/sitecustomize.py", "evaluation/templates/*.j2"]},
+    # demo config, the embedded default model's weights (safetensors, SHA-256 checked on load), the
+    # `ns-plugin run` sitecustomize and the leaderboard table template
+    package_data={"ns_plugin": ["configs/*.yaml", "weights/*.safetensors", "_site/sitecustomize.py",
+                                "evaluation/templates/*.j2"]},
     install_requires=[
         "torch>=2.1",
         "torchvision",
         "timm>=1.0,<1.1",
+        # timm 1.0.9 loads pretrained weights through huggingface_hub and imports an API that 2.0 removed
+        # (repo_type_and_id_from_hf_id); 1.33.0 is the newest release it imports (tools/bootstrap.sh pins it)
+        "huggingface_hub>=1.33.0,<2",
         "numpy",
         "scipy",
         "tqdm",

@@ -31,7 +31,7 @@ def quick_overrides(cfg):
 
 
 def main(argv=None) -> int:
-    from ns_plugin.cli import guarded
+    from ns_plugin.cli import guarded, show_library_messages
     from ns_plugin.evaluation.harness import load_comparison_config, run_comparison
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -42,6 +42,7 @@ def main(argv=None) -> int:
                    help="the config's first two runs, 1 round of 2 steps, 16 attacked images, one corruption "
                         "(a smoke run of the whole pipeline)")
     a = p.parse_args(argv)
+    show_library_messages()  # the preflight table, progress notes and warnings, on stderr
 
     def body() -> int:
         cfg = load_comparison_config(a.config)

@@ -110,6 +110,33 @@ def test_rank_deficient_weights_raise_the_nullity():
     assert verify_invariance(m, x, v)["max_logit_diff"] < 1e-9
 
 
+def test_default_tolerance_follows_the_stored_dtype():
+    """ViT-B/16 patch map with two singular values zeroed, stored in float32 (as released weights are): the
+    zeros come back at ~1e-9 relative. NumPy/SciPy count them as null for a float32 array, and so must we;
+    the same map stored in float64 keeps them at ~1e-17 and gives 2 with float64's cut-off."""
+    import numpy as np
+    import scipy.linalg
+
+    m = timm.create_model("vit_base_patch16_224", pretrained=False, depth=1)
+    w = m.patch_embed.proj.weight.detach().double().reshape(768, -1)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    s[-2:] = 0
+    w32 = (u @ torch.diag(s) @ vh).float()
+    m.patch_embed.proj.weight.data = w32.reshape(768, 3, 16, 16).clone()
+    ns = exact_nullspace(m, space="normalized")
+    assert ns.nullity == 2 and ns.rank == 766
+    a = w32.numpy()
+    assert np.linalg.matrix_rank(a) == 766 and scipy.linalg.null_space(a).shape[1] == 2
+    small = ns.singular_values[-2:] / ns.singular_values[0]
+    assert float(small.max()) > 1e-12          # float64 precision alone would have called them non-zero
+    assert ns.tol == pytest.approx(768 * float(np.finfo(np.float32).eps) * float(ns.singular_values[0]))
+    from ns_plugin.models import wrap
+    assert exact_nullspace(wrap(m, [0.5] * 3, [0.2, 0.3, 0.4]), space="pixel").nullity == 2  # diag(1/std) keeps it
+    m.patch_embed.proj.weight.data = (u @ torch.diag(s) @ vh).reshape(768, 3, 16, 16)  # the same map in float64
+    m.double()
+    assert exact_nullspace(m, space="normalized").nullity == 2
+
+
 def test_models_without_patch_projection_are_refused():
     with pytest.raises(NSPluginError, match="overlapping convolution.*approximate"):
         exact_nullspace(timm.create_model("resnet18"))

@@ -87,6 +87,27 @@ def test_default_model_trains_reproducibly_to_90(trained, digits):
         assert torch.equal(a, b)
 
 
+def test_packaged_default_is_verified_and_reproduces_its_metrics(digits, tmp_path, monkeypatch):
+    """The default model ships as safetensors with its SHA-256 recorded; a changed file is refused."""
+    import hashlib
+
+    import ns_plugin.embedded as emb
+    from ns_plugin.errors import NSPluginError
+    path = emb.packaged_weights_path()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == emb.PACKAGED_SHA256
+    model, metrics = emb.default_model(progress=False)
+    assert emb.accuracy(model, *digits.test.tensors) == pytest.approx(metrics["test_acc"], abs=1e-6)
+    bad = tmp_path / path.name
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 1                                     # one bit of one weight
+    bad.write_bytes(bytes(blob))
+    monkeypatch.setattr(emb, "packaged_weights_path", lambda: bad)
+    with pytest.raises(NSPluginError, match="SHA-256 .* expected"):
+        emb.default_model(progress=False)
+    with pytest.raises(NSPluginError, match="source must be"):
+        emb.default_model(source="download")
+
+
 def test_checkpoint_roundtrip_weights_only_and_easyrobust_keys(model, tmp_path):
     from ns_plugin.checkpoint import save_checkpoint, load_checkpoint
     from ns_plugin.models import build_default_model

@@ -16,12 +16,14 @@ pytestmark = pytest.mark.usefixtures("default_model_cache")
 
 TINY = {
     "name": "tiny",
+    "base": "demo",
+    "seeds": [0],     # one seed: the single-seed layout (tests/test_seeds.py covers several)
     "training": {"rounds": 1, "steps_per_round": 2, "batch_size": 16, "search_batch_size": 16,
                  "noise_max_steps": 30, "plot": False},
     "runs": [{"name": "ViT", "method": None}, {"name": "ViT + FT", "method": "standard"},
              {"name": "ViT + NS", "method": "ns"}],
     "eval": {"n_attack": 8, "cw": {"c": 1.0, "steps": 3, "lr": 0.01}, "patchfool": {"patches": 1, "steps": 3},
-             "corruptions": ["gaussian_noise", "contrast"], "severities": [1, 5]},
+             "corruptions": ["gaussian_noise", "contrast"], "severities": [1, 5], "surrogate_sets": False},
     "tables": {"table2": ["ViT", "ViT + NS"], "table3": ["ViT", "ViT + FT", "ViT + NS"]},
 }
 

@@ -87,7 +87,7 @@ def test_report_writes_linf_entries_only_where_autoattack_ran():
     cfg = {"name": "t", "data": "digits", "model": "default", "runs": [{"name": "A"}, {"name": "B"}],
            "eval": {"n_attack": 100, "fgsm_eps": 1 / 255, "pgd": {"eps": 2 / 255, "steps": 10},
                     "autoattack": {"eps": 2 / 255, "version": "standard"}, "leaderboard_dataset": None}}
-    evals = {"A": {"AutoAttack": 40.0, "PGD": 38.0, "FGSM": 60.0, "clean_attack_subset": 90.0, "n_attack_images": 100,
+    evals = {"A": {"AutoAttack": 40.0, "PGD": 38.0, "FGSM": 60.0, "clean_attack_subset": 90.0, "n_attack": 100,
                    "corruptions": {"fog": {"1": 70.0, "5": 50.0}}},
              "B": {"PGD": 30.0, "FGSM": 50.0, "clean_attack_subset": 80.0, "corruptions": {}}}
     rows = {"A": {"Clean": 95.0, "C": 100.0}, "B": {"Clean": 90.0, "C": 110.0}}

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread", "default_model_cache")
-METHODS = ["standard", "ns", "random", "madry", "trades", "dat", "dat_ns"]
+METHODS = ["standard", "ns", "random", "random_norm", "madry", "trades", "dat", "dat_ns"]
 # tiny but real: 2 rounds x 2 steps on 48 training images, 16-image noise search
 SMALL = dict(rounds=2, steps_per_round=2, batch_size=8, train_limit=48, search_batch_size=16, lr=1e-4,
              pgd_steps=2, progress=False, plot=False)
@@ -66,11 +66,17 @@ def test_method_trains_through_the_shared_loop(method, model, digits):
     if method in ("ns", "dat_ns"):
         for r in log:  # the noise entered the eps region every round, and it is a large noise
             assert r["reached"] and r["mse_prob"] < 0.03 and r["noise_norm"] > 1.0
+            assert r["warm_start"] is False            # Alg. 1 line 3 by default: fresh U(-lim, lim)
+            assert 0 <= r["heldout_mse_prob"] <= 2     # logged next to the stopping batch's value
         assert "ce_noise" in log[-1]
-    if method == "random":  # arXiv:2403.10476 Table 4: random direction, same norm as the learnt noise
+    if method == "random":  # arXiv:2403.10476 Table 4 as the paper does it: N(0, 1) shrunk x0.8 until below eps
+        for r in log:
+            assert r["mse_prob"] < 0.03 and r["random_shrinks"] >= 0 and "heldout_mse_prob" in r
+            assert r["noise_norm"] == pytest.approx(32 * 0.8 ** r["random_shrinks"], rel=0.15)  # |N(0,1)| ~ sqrt(16*64)
+    if method == "random_norm":  # the other experiment: random direction, same norm as the learnt noise
         for r in log:
             assert r["noise_norm"] == pytest.approx(r["learnt_noise_norm"], rel=1e-4)
-            assert r["learnt_mse_prob"] < 0.03
+            assert r["learnt_mse_prob"] < 0.03 and r["mse_prob"] > r["learnt_mse_prob"]
     if method in ("dat", "dat_ns"):
         assert "ce_dat" in log[-1]
     if method == "trades":
@@ -94,6 +100,30 @@ def test_ns_noise_is_the_searched_noise_and_enters_the_loss(model, digits):
     assert parts["ce_noise"] == pytest.approx(float(want), rel=1e-5)
     assert float(loss) == pytest.approx(parts["ce_clean"] + parts["ce_noise"], rel=1e-5)
     assert parts["ce_noise"] != pytest.approx(parts["ce_clean"], rel=1e-3)
+
+
+def test_random_noise_is_eps_noise_on_the_search_batch(model, digits):
+    """The paper's ablation: the random noise's MSE probability on the round's search batch is below eps,
+    measured independently of the method's own log."""
+    from ns_plugin.nullspace.metrics import mse_probability
+    from ns_plugin.training.loop import Trainer
+    t = Trainer(_cfg(method="random", rounds=1, steps_per_round=1), model=model, train_set=_small_set(digits))
+    row = t.method.begin_round(t, 0)
+    got = mse_probability(t.raw, t.search_images(0), t.method.noise)
+    assert got < 0.03 and got == pytest.approx(row["mse_prob"], rel=1e-4)
+    assert got > 0                                    # a real noise, not zero
+    before = t.method.noise / 0.8                     # the previous shrink was still outside (or no shrink)
+    assert row["random_shrinks"] == 0 or mse_probability(t.raw, t.search_images(0), before) >= 0.03
+
+
+def test_warm_start_is_opt_in_and_confirm_rule_logs(model, digits):
+    from ns_plugin.training import train
+    s = train(_cfg(method="ns", warm_start=True, stop_confirm_batches=2), model=model, train_set=_small_set(digits))
+    log = s["log"]
+    assert [r["warm_start"] for r in log] == [False, True]
+    for r in log:   # with the confirm rule the noise is below eps on 2 x 16 fixed training images too
+        assert r["confirm_mse_prob"] < 0.03 and r["mse_prob"] < 0.03
+    assert _cfg().warm_start is False and _cfg(warm_start=None).warm_start is False
 
 
 def test_config_yaml_flags_precedence_and_ranges(tmp_path):

@@ -28,7 +28,10 @@ pip_ install torch==2.14.1 torchvision==0.29.1
 pip_ install --no-deps torchattacks==3.5.1
 # 3. the real robustbench 1.1.1 with its deps (timm==1.0.9, pyautoattack, pandas...); setuptools<81 keeps
 #    pkg_resources, which robustbench imports. Then re-lay its files over torchattacks' copy.
-pip_ install "setuptools<81" robustbench==1.1.1 "timm==1.0.9" requests
+#    huggingface_hub: timm 1.0.9 downloads pretrained weights through it and imports
+#    `repo_type_and_id_from_hf_id`, which 2.0 removed (timm then reports "no hub support" and
+#    `pretrained=True` fails); 1.33.0 is the newest release timm 1.0.9 imports (checked: 2.0.0-2.4.0 fail).
+pip_ install "setuptools<81" robustbench==1.1.1 "timm==1.0.9" "huggingface_hub==1.33.0" requests
 pip_ install --no-deps --force-reinstall robustbench==1.1.1
 # 4. easyrobust pins timm==0.5.4 (unresolvable with robustbench): no deps, plus its real runtime needs.
 pip_ install --no-deps easyrobust==0.2.4
@@ -49,6 +52,8 @@ from robustbench.utils import load_model
 from easyrobust.attacks import pgd_generator
 assert robustbench.benchmark.__module__ == "robustbench.eval", "robustbench is torchattacks' stripped copy"
 assert timm.__version__.startswith("1.0."), timm.__version__
+from timm.models._hub import has_hf_hub
+assert has_hf_hub(), "timm cannot use huggingface_hub (pretrained weights would not load): check its version"
 assert "ns_plugin" not in sys.modules
 print(f"ecosystem ok: timm {timm.__version__}, torchattacks {torchattacks.__version__}, robustbench 1.1.1, "
       f"easyrobust 0.2.4, autoattack = {autoattack.SOURCE}")

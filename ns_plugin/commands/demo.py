@@ -21,6 +21,10 @@ def add_arguments(p):
 def run(args) -> int:
     from ..evaluation.harness import load_comparison_config, run_comparison
     cfg = load_comparison_config(args.config)
+    if cfg.get("model") == "default":
+        from ..embedded import PACKAGED_SHA256, packaged_weights_path
+        print(f"base model: the packaged embedded default {packaged_weights_path().name} "
+              f"sha256 {PACKAGED_SHA256} (verified on load)")
     try:
         res = run_comparison(cfg, args.out, progress=not args.quiet)
     except KeyboardInterrupt:

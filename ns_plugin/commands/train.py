@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "fine-tune a model with ns / standard / random / madry / trades / dat / dat_ns (EasyRobust-style config)"
+HELP = "fine-tune a model with ns / standard / random / random_norm / madry / trades / dat / dat_ns (EasyRobust-style config)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

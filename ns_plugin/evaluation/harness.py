@@ -45,19 +45,58 @@ def demo_config() -> Dict[str, Any]:
     return yaml.safe_load(files("ns_plugin").joinpath(DEMO_CONFIG_FILE).read_text(encoding="utf-8"))
 
 
+#: What a comparison file starts from unless it says ``base: demo``: the papers' settings. Training keys it
+#: omits take :class:`ns_plugin.training.TrainConfig`'s defaults (the paper's, see ``DEFAULT_SOURCES``);
+#: ``name``, ``data``, ``model`` and ``runs`` must be given. Nothing of the demo's miniature settings leaks in.
+PAPER_BASE: Dict[str, Any] = {
+    "seed": 0,
+    "training": {},
+    "eval": {"n_attack": 5000, "fgsm_eps": 1 / 255, "pgd": {"eps": 8 / 255, "alpha": 2 / 255, "steps": 10},
+             "cw": {"c": 1.0, "steps": 50, "lr": 0.01}, "patchfool": {"patches": 1, "steps": 250},
+             "autoattack": None, "damagenet": None, "engine": "easyrobust", "severities": [1, 2, 3, 4, 5],
+             "corruptions": "all", "skip": []},
+    "tables": {},
+}
+#: where each PAPER_BASE eval value comes from (recorded in config.json)
+PAPER_EVAL_SOURCES = {
+    "fgsm_eps": "NS-ViT paper App. C (FGSM eps 1/255, as Mao et al. 2022)",
+    "pgd": "ns_plugin extra column (PGD-10 at 8/255, step 2/255; the paper reports no PGD)",
+    "cw": "ns_plugin default (the paper does not give CW settings)",
+    "patchfool": "ns_plugin default (PatchFool: 1 patch, 250 steps; the paper does not give them)",
+    "n_attack": "ns_plugin default (attacks on the first 5000 validation images)",
+    "engine": "EasyRobust evaluators",
+    "severities": "ImageNet-C (Hendrycks & Dietterich): 5 severities",
+    "corruptions": "ImageNet-C: the 15 corruptions of the mCE",
+}
+_REQUIRED = ("name", "data", "model", "runs")
+
 
 # ----------------------------------------------------------------------------------------------------------
 # config
 # ----------------------------------------------------------------------------------------------------------
 def load_comparison_config(path: Optional[os.PathLike] = None, *, check_paths: bool = True,
                            **overrides) -> Dict[str, Any]:
-    """The demo config, or a YAML file's (keys it omits take the demo's values), validated
-    (:func:`validate_config`; ``check_paths=False`` skips the existence checks of data folders, for a config
-    written for another machine: :func:`run_comparison` checks them again before any work)."""
-    cfg = demo_config()
+    """The demo config (no ``path``), or a YAML file's, validated (:func:`validate_config`;
+    ``check_paths=False`` skips the existence checks of data folders, for a config written for another
+    machine: :func:`run_comparison` checks everything again before any work, see :mod:`.preflight`).
+
+    A file starts from :data:`PAPER_BASE` (the papers' settings) unless it says ``base: demo``, in which
+    case the keys it omits take the demo's values (:func:`demo_config`: the miniature on digits)."""
+    new: Dict[str, Any] = {}
     if path is not None:
         from ..io import read_yaml_mapping
-        _merge(cfg, read_yaml_mapping(path))
+        new = read_yaml_mapping(path)
+    base = overrides.get("base", new.get("base", "demo" if path is None else "paper"))
+    if base not in ("demo", "paper"):
+        raise NSPluginError(f"base must be 'paper' or 'demo', got {base!r}")
+    if base == "paper":
+        absent = [k for k in _REQUIRED if k not in new and k not in overrides]
+        if absent:
+            raise NSPluginError(f"comparison config {path} lacks {', '.join(absent)}; give them, or add "
+                                f"base: demo to start from the demo's settings")
+    cfg = demo_config() if base == "demo" else copy.deepcopy(PAPER_BASE)
+    cfg["base"] = base
+    _merge(cfg, new)
     _merge(cfg, overrides)
     if check_paths:
         return validate_config(cfg)
@@ -84,15 +123,18 @@ def _compare_spec() -> Dict[str, Any]:
     train = {k: v for k, v in TRAIN_SPEC.items() if k not in ("method", "model", "data")}
     run = dict(train, name=Str(), method=Str(optional=True))
     unit = Float(0, 1, lo_open=True)
+    from .preflight import ALL_COLUMNS
     return {
-        "name": Str(),
+        "name": Str(), "base": Choice("paper", "demo"),
         "data": PathCheck("dir", special=("digits",)),
         "model": Custom(lambda v, w: _check_vit(check_model_name(Str()(v, w), w), w), "'default' or a timm ViT name"),
         "seed": Int(0),
+        "seeds": Custom(lambda v, w: _check_seeds(v), "a list of distinct non-negative integers, e.g. [0, 1, 2]",
+                        optional=True),
         "training": Mapping_(train),
         "runs": ListOf(Custom(lambda v, w: _check_run(v, w, run), "a run mapping"), min_len=1),
         "eval": Mapping_({
-            "n_attack": Int(1), "fgsm_eps": unit,
+            "n_attack": Int(1, optional=True), "fgsm_eps": unit,   # null: the whole test split
             "pgd": Mapping_({"eps": unit, "alpha": unit, "steps": Int(1), "random_start": Bool()}),
             "cw": Mapping_({"c": Float(0, lo_open=True), "kappa": Float(0), "steps": Int(1),
                             "lr": Float(0, lo_open=True)}),
@@ -108,10 +150,17 @@ def _compare_spec() -> Dict[str, Any]:
             "engine": Choice("fast", "easyrobust"),
             "severities": ListOf(Int(1, 5), min_len=1),
             "corruptions": OneOf(Choice("all"), ListOf(Choice(*IMAGENET_C), min_len=1)),
+            "skip": ListOf(Choice(*[c for c in ALL_COLUMNS if c != "Clean"]), optional=True),
+            "surrogate_sets": Bool(optional=True),
         }),
         "tables": Mapping_({"table2": ListOf(Str()), "table3": ListOf(Str()),
                             "table4": ListOf(ListOf(Custom(_cell, "a text or number"), length=3))}),
     }
+
+
+def _check_seeds(v):
+    from .seeds import check_seeds
+    return check_seeds(v)
 
 
 def _check_run(r, where, spec):
@@ -230,7 +279,7 @@ class Comparison:
             status = prev.get("status", "partial")
         else:
             status = "new"
-        _write_json(self.out / "config.json", self.cfg)
+        _write_json(self.out / "config.json", dict(self.cfg, resolved=self.resolved()))
         self._state("running")
         return status
 
@@ -259,6 +308,12 @@ class Comparison:
                 self.log(f"writing EasyRobust-layout benchmark folders to {root} (once; cached)")
                 write_benchmark_folders(root, test, fresh=fresh, severities=sev, corruptions=cors,
                                         progress=self.progress)
+            if cfg["eval"].get("surrogate_sets"):
+                from .surrogate_sets import ensure_surrogate_sets
+                if not ((root / "damagenet").is_dir() and (root / "imagenet-a").is_dir()):
+                    self.log("building the DamageNet-style and ImageNet-A-style sets from independent surrogates "
+                             "(once; cached)")
+                ensure_surrogate_sets(root, test, progress=self.progress)
         else:
             root = Path(cfg["data"])
             if not (root / "imagenet-val").is_dir():
@@ -277,6 +332,60 @@ class Comparison:
             raise NSPluginError(f"unknown corruption {bad[0]!r} in eval.corruptions; known: {', '.join(IMAGENET_C)}")
         return list(c)
 
+    # -- settings of each run, with where each value comes from ---------------------------------------------
+    def run_settings(self, run: Dict[str, Any]):
+        """``(values, sources)``: every :class:`TrainConfig` value a run uses and where it came from (the run,
+        the config's training block, the demo's block with ``base: demo``, or the documented default).
+        Rows without a method are evaluated as built (pretrained / init weights), without training."""
+        import dataclasses
+
+        import torch
+
+        from ..training.config import DEFAULT_SOURCES, TrainConfig
+        tr, base = self.cfg["training"], self.cfg.get("base", "demo")
+        demo_tr = demo_config()["training"]
+        vals: Dict[str, Any] = {}
+        src: Dict[str, str] = {}
+        for f in dataclasses.fields(TrainConfig):
+            k = f.name
+            if k in ("model", "data", "seed"):
+                vals[k], src[k] = self.cfg[k], "config"
+            elif k == "method":
+                vals[k], src[k] = run.get("method"), f"run {run['name']!r}"
+            elif k == "progress":
+                vals[k], src[k] = self.progress, "harness"
+            elif k in run:
+                vals[k], src[k] = run[k], f"run {run['name']!r}"
+            elif k in tr:
+                demo = base == "demo" and k in demo_tr and demo_tr[k] == tr[k]
+                vals[k], src[k] = tr[k], ("demo training block (base: demo)" if demo else "config training block")
+            else:
+                vals[k] = copy.deepcopy(f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                src[k] = "default: " + DEFAULT_SOURCES.get(k, "ns_plugin default")
+        if vals["init"] and vals["pretrained"]:
+            src["pretrained"] += " (unused: the init checkpoint replaces every weight)"
+        if vals["amp"] and not torch.cuda.is_available():
+            vals["amp"], src["amp"] = False, f"{src['amp']} asked for amp: true; no CUDA here, so it runs in fp32"
+        return vals, src
+
+    def resolved(self) -> Dict[str, Any]:
+        """What config.json records besides the config: every run's settings and their sources."""
+        out: Dict[str, Any] = {"base": self.cfg.get("base", "demo"), "runs": {}, "eval": {}}
+        source_keys = ("model", "pretrained", "init", "init_ema", "num_classes", "data", "seed")
+        for run in self.cfg["runs"]:
+            vals, src = self.run_settings(run)
+            keys = list(vals) if run.get("method") is not None else source_keys
+            out["runs"][run["name"]] = {k: {"value": vals[k], "from": src[k]} for k in keys}
+            if run.get("method") is None:
+                out["runs"][run["name"]]["evaluate_only"] = {"value": True, "from": "no method: evaluated as built"}
+        for k, v in self.cfg["eval"].items():
+            default = (PAPER_BASE if out["base"] == "paper" else demo_config())["eval"].get(k)
+            where = ("paper base" if out["base"] == "paper" else "demo (base: demo)")
+            out["eval"][k] = {"value": v, "from": (f"{where}: {PAPER_EVAL_SOURCES.get(k, 'default')}"
+                                                   if v == default and out["base"] == "paper" else
+                                                   where if v == default else "config eval block")}
+        return out
+
     # -- fine-tuning ----------------------------------------------------------------------------------------
     def finetune(self, run: Dict[str, Any]) -> Path:
         from ..checkpoint import save_checkpoint
@@ -285,19 +394,18 @@ class Comparison:
         if ck.is_file():
             return ck
         t0 = time.time()
+        vals, _ = self.run_settings(run)
         if run.get("method") is None:
+            # evaluated as built: the pretrained model / the init checkpoint the other rows start from
             from ..training.loop import build_model
-            cfgt = load_config(None, method="standard", model=self.cfg["model"], data=self.cfg["data"],
-                               seed=self.cfg["seed"], progress=self.progress)
+            cfgt = load_config(None, **dict(vals, method="standard"))
             model = build_model(cfgt, progress=self.progress)
-            save_checkpoint(ck, model, meta={"arch": _arch(self.cfg), "run": run["name"], "method": None})
+            source = {k: vals[k] for k in ("pretrained", "init", "init_ema")}
+            save_checkpoint(ck, model, meta={"arch": _arch(self.cfg), "run": run["name"], "method": None,
+                                             "source": source})
             self._timing(run["name"], finetune_seconds=0.0)
             return ck
-        overrides = dict(self.cfg["training"])
-        overrides.update({k: v for k, v in run.items() if k != "name"})
-        overrides.update(model=self.cfg["model"], data=self.cfg["data"], seed=self.cfg["seed"],
-                         progress=self.progress)
-        cfgt = load_config(None, **overrides)
+        cfgt = load_config(None, **vals)
         work = self.out / "runs" / _slug(run["name"])
         resume = (work / "last.pth").is_file()
         summary = train(cfgt, work, resume=resume)
@@ -315,36 +423,53 @@ class Comparison:
 
     # -- evaluation -----------------------------------------------------------------------------------------
     def evaluate(self, run: Dict[str, Any], ck: Path, root: Path, test) -> Dict[str, Any]:
-        from .suite import SHIFT_FOLDERS, attack_accuracy, corruption_accuracies, folder_accuracy
+        from .stats import bits
+        from .suite import SHIFT_FOLDERS, attack_correct, corruption_accuracies, correct_mask, folder_accuracy
         path = self.out / "evals" / f"{_slug(run['name'])}.json"
         if path.is_file():
             return json.loads(path.read_text())
         ev = self.cfg["eval"]
         model = _load(ck)
-        res: Dict[str, Any] = {"name": run["name"], "notes": {}}
+        res: Dict[str, Any] = {"name": run["name"], "notes": {}, "seed": self.cfg["seed"], "per_image": {}}
         t0 = time.time()
         res["Clean"] = folder_accuracy(model, root / "imagenet-val", engine="easyrobust")
         res["clean_images_per_s"] = round(len(test[1]) / max(time.time() - t0, 1e-9), 1)
-        x, y = test[0][:ev["n_attack"]], test[1][:ev["n_attack"]]
-        from .suite import top1
-        res["clean_attack_subset"] = top1(model, x, y)  # attacks run on these images only
-        res["n_attack_images"] = len(y)
+        res["per_image"]["Clean"] = bits(correct_mask(model, test[0], test[1]))
+        n_att = ev["n_attack"] or len(test[1])   # None: the whole test split
+        x, y = test[0][:n_att], test[1][:n_att]
+        res["n_attack"] = int(len(y))
+        res["clean_attack_subset"] = 100.0 * float(correct_mask(model, x, y).float().mean())  # attacks use these
+        skip = set(ev.get("skip") or [])
+        for col in sorted(skip):
+            res["notes"][col] = "skipped: listed in eval.skip"
         for col, atk in self._attacks(model).items():
+            if col in skip:
+                res[col] = None
+                continue
             if isinstance(atk, str):
                 res[col], res["notes"][col] = None, atk
                 continue
             with seeded(attack_seed(self.cfg["seed"], col)):  # the numbers are a function of config + seed
-                acc, ips = attack_accuracy(model, atk, x, y)
-            res[col], res[f"{col}_images_per_s"] = acc, round(ips, 1)
-        dn = ev.get("damagenet")
-        if dn and Path(dn).is_dir():
+                ok, ips = attack_correct(model, atk, x, y)
+            res[col], res[f"{col}_images_per_s"] = 100.0 * float(ok.float().mean()), round(ips, 1)
+            res["per_image"][col] = bits(ok)
+        dn = ev.get("damagenet") or (root / "damagenet" if (root / "damagenet").is_dir() else None)
+        if "DamageNet" in skip:
+            res["DamageNet"] = None
+        elif dn and Path(dn).is_dir():
             res["DamageNet"] = folder_accuracy(model, dn, engine="fast")
+            if self.cfg["data"] == "digits":
+                from .suite import folder_tensors
+                res["per_image"]["DamageNet"] = bits(correct_mask(model, *folder_tensors(dn)))
         else:
             res["DamageNet"], res["notes"]["DamageNet"] = None, "skipped: no DamageNet folder configured"
-        res["corruptions"] = corruption_accuracies(model, root / "imagenet-c", engine=ev["engine"],
-                                                   corruptions=self._corruptions())
+        res["corruptions"] = None if "C" in skip else corruption_accuracies(
+            model, root / "imagenet-c", engine=ev["engine"], corruptions=self._corruptions())
         n_cls = int(next(v for k, v in model.state_dict().items() if k.endswith("head.weight")).shape[0])
         for folder, (evaluator, col) in SHIFT_FOLDERS.items():
+            if col in skip:
+                res[col] = None
+                continue
             if not (root / folder).is_dir() and any((root / f).is_dir() for f, (_, c) in SHIFT_FOLDERS.items()
                                                      if c == col and f != folder):
                 continue  # the column's other folder holds it (imagenet-r for 1000 classes, rendition otherwise)
@@ -354,6 +479,9 @@ class Comparison:
             res[col] = acc
             if acc is None:
                 res["notes"][col] = f"skipped: no {folder}/ folder"
+            elif self.cfg["data"] == "digits":     # small folders: per-image results for the paired tests
+                from .suite import folder_tensors
+                res["per_image"][col] = bits(correct_mask(model, *folder_tensors(root / folder)))
         res["eval_seconds"] = round(time.time() - t0, 2)
         _write_json(path, res)
         return json.loads(path.read_text())  # the same (JSON-typed) record whether fresh or resumed
@@ -441,10 +569,35 @@ class Comparison:
         return names
 
     # -- orchestration --------------------------------------------------------------------------------------
+    def preflight(self, *, network: bool = True):
+        """Check every resource before anything is written or trained (:mod:`.preflight`): print the table,
+        stop in one line when something required is missing, then download the ``init:`` URLs the runs
+        need (once, into the torch hub cache) and check their class counts too."""
+        from ..weights import fetch, init_status
+        from .preflight import preflight, run_sources
+        pf = preflight(self.cfg, self.out, network=network)
+        if os.environ.get("RANK", "0") == "0":  # one table per launch under torchrun
+            self.log(pf.table())
+        pf.raise_if_missing()
+        urls = {s["init"] for s in run_sources(self.cfg) if s["init"]}
+        todo = [u for u in sorted(urls) if init_status(u, network=False).state == "reachable"]
+        for u in todo:
+            fetch(u, progress=self.progress)
+        if todo:  # now on disk: their class counts can be checked before any training
+            pf = preflight(self.cfg, self.out, network=False)
+            pf.raise_if_missing()
+        for row in pf.rows:
+            if row.state == "warning":
+                logging.getLogger(__name__).warning("%s: %s", row.item, row.detail)
+        return pf
+
     def run(self) -> Dict[str, Any]:
         """Own the results folder (:func:`ns_plugin.io.claim_output`: a second comparison writing into it
         fails at once), then run or resume; a failure ends with ``run.json`` saying ``failed`` and why."""
         from ..io import claim_output
+        state = self.out / "run.json"
+        if not state.is_file() or json.loads(state.read_text()).get("status") != "complete":
+            self.preflight()  # everything it needs, checked before anything is written
         with claim_output(self.out, what=f"ns-plugin comparison {self.cfg['name']!r}"):
             status = self.claim()
             try:
@@ -569,5 +722,14 @@ class seeded:
 
 
 def run_comparison(cfg: Dict[str, Any], out: os.PathLike, *, progress: bool = True, log=None) -> Dict[str, Any]:
-    """Run (or resume) a comparison into ``out``; returns the tables text and the summary."""
+    """Run (or resume) a comparison into ``out``; returns the tables text and the summary. With ``seeds`` of
+    two or more, every seed is a complete comparison in ``out/seed_<s>/`` and ``out/`` gets the tables over
+    seeds with paired tests (:mod:`ns_plugin.evaluation.seeds`)."""
+    seeds = cfg.get("seeds")
+    if seeds is not None and len(seeds) > 1:
+        from .seeds import run_seeded
+        return run_seeded(cfg, out, progress=progress, log=log)
+    if seeds:
+        cfg = dict(cfg, seed=seeds[0])
+    cfg = {k: v for k, v in cfg.items() if k != "seeds"}
     return Comparison(cfg, out, progress=progress, log=log).run()

@@ -77,9 +77,12 @@ def tables_markdown(cfg: Dict[str, Any], evals: Dict[str, Dict[str, Any]], rows:
     csvs: Dict[str, Table] = {}
     flag = " (PARTIAL: the run was interrupted; resume to complete)" if partial else ""
     md.write(f"# {cfg['name']}: robustness comparison{flag}\n\n")
-    md.write(f"Attacks run on the first {ev['n_attack']} test images (FGSM ε={ev['fgsm_eps'] * 255:.3g}/255, "
+    md.write(f"Attacks run on the first {ev['n_attack'] or 'all'} test images (FGSM ε={ev['fgsm_eps'] * 255:.3g}/255, "
              f"PGD ε={ev['pgd']['eps'] * 255:.3g}/255 x{ev['pgd']['steps']}, CW L2 c={ev['cw']['c']}, "
              f"PatchFool {ev['patchfool'].get('patches', 1)} patch); Clean is the whole test set. ")
+    tr = cfg.get("training", {})
+    md.write(f"Madry / TRADES train with PGD ε={tr.get('pgd_eps', 8 / 255) * 255:.3g}/255, step "
+             f"{tr.get('pgd_alpha', 2 / 255) * 255:.3g}/255, {tr.get('pgd_steps', 10)} steps. ")
     md.write(f"C is the mCE against the baseline run ({baseline!r} = 100), lower is better; the "
              f"Average is the paper's: the mean over the columns with values, C entering as 100 - mCE "
              f"(PGD, our extra column, is left out of it). Empty cells were skipped (see notes).\n\n")
@@ -168,7 +171,7 @@ def leaderboard_entries(cfg: Dict[str, Any], evals: Dict[str, Dict[str, Any]], r
                 others[f"FGSM ({lb.eps_string(ev['fgsm_eps'])})"] = e["FGSM"]
             out[f"{dataset}/Linf/{lb.entry_file_name(name)}"] = lb.linf_entry(
                 common, eps=eps, clean_acc=e.get("clean_attack_subset"), autoattack_acc=aa, other_attacks=others,
-                n_images=int(e.get("n_attack_images") or ev["n_attack"]), autoattack_source=autoattack_source or "AutoAttack",
+                n_images=int(e.get("n_attack") or ev["n_attack"] or 0), autoattack_source=autoattack_source or "AutoAttack",
                 autoattack_version=ev["autoattack"].get("version", "standard"), extra=fields)
         corr = e.get("corruptions") or {}
         if corr:

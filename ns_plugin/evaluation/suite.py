@@ -131,3 +131,28 @@ def paper_average(row: Mapping[str, Optional[float]], columns: Iterable[str]) ->
             continue
         vals.append(100.0 - v if c == "C" else v)
     return sum(vals) / len(vals) if vals else None
+
+
+@torch.no_grad()
+def correct_mask(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Per-image correctness (bool tensor, same order as ``x``): what paired tests (exact McNemar) need."""
+    model.eval()
+    dev = next(model.parameters()).device
+    out = [model(x[i:i + batch_size].to(dev)).argmax(1).cpu() == y[i:i + batch_size]
+           for i in range(0, len(x), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def attack_correct(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 200
+                   ) -> Tuple[torch.Tensor, float]:
+    """Per-image robust correctness under a torchattacks ``attack`` (bool tensor) and the attack's images/s."""
+    model.eval()
+    t0 = time.time()
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        adv = attack(xb, yb)
+        if adv.shape != xb.shape or adv.min() < 0 or adv.max() > 1:
+            raise NSPluginError(f"attack {type(attack).__name__} returned images outside [0, 1] or of another shape")
+        out.append(correct_mask(model, adv, yb))
+    return torch.cat(out), len(y) / max(time.time() - t0, 1e-9)

@@ -54,7 +54,8 @@ def _warn_once(key: str, msg: str, *args) -> None:
 
 #: TrainConfig fields a script's ``args`` may set for the method (the rest belong to the script).
 METHOD_KEYS = ("eps", "lim", "noise_lr", "noise_max_steps", "search", "search_batch_size", "warm_start",
-               "random_norm", "pgd_eps", "pgd_alpha", "pgd_steps", "madry_clean_weight", "trades_beta",
+               "random_norm", "random_shrink", "stop_confirm_batches", "heldout_size", "pgd_eps", "pgd_alpha",
+               "pgd_steps", "madry_clean_weight", "trades_beta",
                "vqgan", "vqgan_seed", "dat_eps", "dat_steps", "dat_lr", "dat_random_start_prob",
                "steps_per_round", "seed")
 
@@ -90,6 +91,10 @@ class _ScriptContext:
         x = self.x if self.rank == 0 else None
         return search_and_broadcast(self.raw, x, self.cfg, rnd, init=init, world=self.world, rank=self.rank,
                                     device=self.device)
+
+    def search_images(self, rnd=0):
+        """The images the noise of this round is measured on: the script's current batch."""
+        return self.x[: self.cfg.search_batch_size]
 
     @torch.no_grad()
     def mse_prob(self, noise, rnd=0):

@@ -99,9 +99,11 @@ def _make_entrypoint(name: str, build, cfg: Dict[str, object], *, use_ema: bool,
             if not file:
                 raise NSPluginError(f"timm model {name} has no weights file; pass pretrained_cfg_overlay=dict(file=...)")
             if name == DIGITS_MODEL and file == cfg.get("file"):
-                file = _digits_weights_path()  # the cache folder as configured now ($NS_PLUGIN_CACHE)
-                _ensure_digits_weights(file)
-            _, sd = _read_weights(file, use_ema)
+                from ..checkpoint import state_dict_of
+                from ..embedded import load_packaged_default
+                sd = state_dict_of(load_packaged_default()[0])   # shipped weights, SHA-256 checked; never trains
+            else:
+                _, sd = _read_weights(file, use_ema)
             _load_weights_into(model, bare_state_dict(sd), k_ckpt, source=f"weights {file}")
         cfg_dict = {k: v for k, v in dataclasses.asdict(resolved).items() if k != "state_dict"}
         model.pretrained_cfg = model.default_cfg = cfg_dict
@@ -147,24 +149,16 @@ def _register_timm(name: str, entry, cfg: Dict[str, object], signature: tuple) -
 
 
 def _digits_weights_path() -> str:
-    from ..embedded import cache_dir
-    return str(cache_dir() / "vit_digits_s0_e30.pth")
-
-
-def _ensure_digits_weights(path: str) -> None:
-    """The ``ns_vit_digits`` weights are the cached embedded default. A registry call never trains: when they
-    are missing, one line says how to make them."""
-    from pathlib import Path
-    if not Path(path).is_file():
-        raise NSPluginError(f"no trained weights for ns_vit_digits at {path}; make them once with "
-                            f"`ns-plugin evaluate` (trains and caches the embedded default, about 20 s on CPU) "
-                            f"or pass pretrained_cfg_overlay=dict(file=CHECKPOINT)")
+    """The ``ns_vit_digits`` weights: the embedded default shipped in the package (a registry call never
+    trains; the file's SHA-256 is checked when it is loaded)."""
+    from ..embedded import packaged_weights_path
+    return str(packaged_weights_path())
 
 
 def register_timm_digits() -> str:
     """Register the embedded architecture as the timm model ``ns_vit_digits`` (a bare ``VisionTransformer``
-    with the default config; ``pretrained=True`` loads the cached trained default and fails with a one-line
-    :class:`NSPluginError` naming the command that makes it when there is none: it never trains).
+    with the default config; ``pretrained=True`` loads the packaged embedded default, SHA-256 checked: it never
+    trains).
     Its ``pretrained_cfg`` carries the digits mean/std and input size. Idempotent."""
     from ..models import DEFAULT_VIT, DIGITS_MEAN, DIGITS_STD
     path = _digits_weights_path()

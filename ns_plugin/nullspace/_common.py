@@ -22,7 +22,9 @@ class NoiseRecord:
     probability of the returned noise on the last batch; ``reached``: ``mse_prob < eps``; ``norm``: Frobenius
     norm of the returned noise; ``init``: ``'uniform'`` (fresh U(-lim, lim)) or ``'warm'``; ``init_norm``:
     norm of the starting point after any expansion; ``expansions``: how many times the warm start was
-    scaled by ``expand``; ``history``: δ at every stop test; ``losses``: the logit loss at every update.
+    scaled by ``expand``; ``history``: δ at every stop test; ``losses``: the logit loss at every update;
+    ``confirm_mse_prob``: with a ``confirm`` set, δ of the returned noise on it (``None`` without one);
+    ``confirm_checks``: how many candidate stops were tested on it.
     """
     steps: int
     mse_prob: float
@@ -39,6 +41,8 @@ class NoiseRecord:
     expansions: int = 0
     init_norm: float = 0.0
     objective: str = "eps-search"
+    confirm_mse_prob: Optional[float] = None
+    confirm_checks: int = 0
     history: List[float] = field(default_factory=list)
     losses: List[float] = field(default_factory=list)
 

@@ -6,7 +6,10 @@ perturbation whose every patch lies in it leaves the patch tokens — hence the 
 unchanged: ``f(x + v) = f(x)`` for all ``x``.
 
 Rank tolerance: singular values ``s_i <= tol`` count as zero, with the default
-``tol = max(d, n) * eps(float64) * s_max`` (NumPy's ``matrix_rank`` rule) applied to the map in float64.
+``tol = max(d, n) * eps(dtype) * s_max`` where ``dtype`` is the dtype the weights are *stored* in (NumPy's
+``matrix_rank`` and SciPy's ``null_space`` rule for an array of that dtype). The SVD itself runs in float64,
+but a float32-stored map is only known to float32 precision: a singular value set to zero before storing it
+in float32 comes back at ~1e-9 relative, which a float64 cut-off (~1e-13) would count as non-zero.
 A randomly initialised (or generically trained) map is full rank, so from the architecture alone the nullity
 is ``max(0, c·rh·rw - d)``. Trained weights can be rank deficient: the paper reports nullity 2 for the
 released ViT-B/16 weights although ``c·r² = 768 = d`` would give 0 for a full-rank map; that row of Table 1
@@ -283,7 +286,9 @@ def exact_nullspace(model: nn.Module, *, tol: Optional[float] = None, space: str
 
     Args:
         model: a timm ViT-style model, optionally ``Sequential(Normalize, model)``; DDP wrappers are fine.
-        tol: singular values ``<= tol`` count as zero. Default ``max(d, n) · eps(float64) · s_max``.
+        tol: singular values ``<= tol`` count as zero. Default ``max(d, n) · eps(dtype) · s_max`` with the dtype
+            the weights are stored in (float32 for usual checkpoints), as ``numpy.linalg.matrix_rank`` and
+            ``scipy.linalg.null_space`` do for an array of that dtype.
         space: ``"pixel"`` (default; folds the normaliser's std into the map, for images in [0, 1]) or
             ``"normalized"`` (the conv weight itself).
 
@@ -301,9 +306,10 @@ def exact_nullspace(model: nn.Module, *, tol: Optional[float] = None, space: str
         raise NSPluginError(f"space must be 'pixel' or 'normalized', got {space!r}")
     norm, core = unwrap(model)
     name, conv = find_patch_projection(model)
-    w = conv.weight.detach().to("cpu", torch.float64)
     if conv.weight.is_meta:
         raise NSPluginError("the model's weights are on the meta device; build it with real weights")
+    stored = conv.weight.dtype
+    w = conv.weight.detach().to("cpu", torch.float64)
     d, c, rh, rw = w.shape
     if space == "pixel" and norm is not None:
         std = norm.std.detach().to("cpu", torch.float64).reshape(-1)
@@ -318,7 +324,8 @@ def exact_nullspace(model: nn.Module, *, tol: Optional[float] = None, space: str
     _, s, vh = torch.linalg.svd(mat, full_matrices=True)
     n = mat.shape[1]
     if tol is None:
-        tol = max(d, n) * torch.finfo(torch.float64).eps * (float(s[0]) if s.numel() else 0.0)
+        eps = torch.finfo(stored if stored.is_floating_point else torch.float64).eps
+        tol = max(d, n) * eps * (float(s[0]) if s.numel() else 0.0)
     else:
         from ..validation import Float
         tol = Float(0)(tol, "tol")
@@ -364,17 +371,21 @@ def _build_architecture(name: str) -> nn.Module:
         close = [m for m in timm.list_models() if name.split("_")[0] in m][:3]
         raise NSPluginError(f"unknown timm model {name!r}" + (f"; e.g. {', '.join(close)}" if close else
                                                                "; see timm.list_models()"))
-    try:
-        return timm.create_model(name, pretrained=False, depth=1)
-    except Exception:  # noqa: BLE001 - models without a scalar depth argument: build them whole
-        return timm.create_model(name, pretrained=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)   # the same random init every time: a square float32 map (ViT-B/16) is
+        try:                   # numerically rank deficient for some draws (s_min/s_max ~ 1e-6)
+            return timm.create_model(name, pretrained=False, depth=1)
+        except Exception:  # noqa: BLE001 - models without a scalar depth argument: build them whole
+            return timm.create_model(name, pretrained=False)
 
 
 def table1(names: Iterable[str], *, progress: bool = False) -> List[Dict[str, object]]:
     """Paper Table 1 from architectures alone: for each timm model name, the patch size, embedding dim ``d``,
     input dim ``c·r²`` and the nullity of its patch embedding, computed by SVD on randomly initialised
-    weights (no download). A random map is full rank, so this equals ``max(0, c·r² - d)``; trained weights
-    can only raise it (the paper's ViT-B/16 row: 2 with the released weights, 0 from the shapes)."""
+    weights (no download, seeded init). A random map is full rank, so this equals ``max(0, c·r² - d)``; trained
+    weights can only raise it (the paper's ViT-B/16 row: 2 with the released weights, 0 from the shapes). The
+    rank cut-off is float32's (the weights' dtype): about 1 in 10 random draws of the square 768x768 ViT-B/16
+    map has ``s_min/s_max`` below it, so the init is seeded to give the shape value."""
     from tqdm.auto import tqdm
     rows = []
     for name in tqdm(list(names), desc="patch nullspaces", disable=not progress):

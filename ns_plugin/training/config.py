@@ -43,11 +43,18 @@ class TrainConfig:
     noise_max_steps: int = 3000        #: T, the cap on noise steps per round
     search: str = "fast"               #: "fast" or "faithful" (see ns_plugin.nullspace.search)
     search_batch_size: int = 128       #: minibatch size of the noise search (B = 128, a fresh batch per step)
-    warm_start: Optional[bool] = None  #: start each round's search from the previous noise (expanded, then
-                                       #: descended); None = True for search "fast", False for "faithful"
-                                       #: (Alg. 1 line 3: fresh U(-lim, lim) every round)
-    # --- random-noise ablation (arXiv:2403.10476 Table 4)
-    random_norm: Optional[float] = None  #: fixed norm of the random noise; None = this round's learnt norm
+    warm_start: bool = False           #: start each round's search from the previous noise (expanded, then
+                                       #: descended) instead of Alg. 1 line 3's fresh U(-lim, lim) every round.
+                                       #: Opt-in: warm starts grow the noise norm by themselves (49.9 -> 66.4
+                                       #: over 7 re-searches on a fixed model), so they cannot show Fig. 4
+    stop_confirm_batches: int = 0      #: 0 = the paper's stop rule (δ < ε on the current search batch); k > 0
+                                       #: also requires δ < ε on k x search_batch_size fixed training images
+    heldout_size: int = 512            #: held-out images (digits: the val split; folders: val/) on which every
+                                       #: round logs the noise's MSE probability (heldout_mse_prob); 0 = off
+    # --- random-noise ablations (arXiv:2403.10476 Table 4)
+    random_shrink: float = 0.8         #: "random": N(0, 1) token noise multiplied by this until δ < ε
+    random_norm: Optional[float] = None  #: "random_norm": fixed norm of the Gaussian noise; None = this
+                                         #: round's learnt norm
     # --- PGD baselines (arXiv:2403.10476 Table 3)
     pgd_eps: float = 8 / 255
     pgd_alpha: float = 2 / 255
@@ -64,7 +71,9 @@ class TrainConfig:
     # --- model and data
     model: str = "default"             #: "default" (embedded tiny ViT), or a timm model name
     pretrained: bool = False           #: timm pretrained weights (needs network the first time)
-    checkpoint: Optional[str] = None   #: safe checkpoint to start from
+    init: Optional[str] = None         #: checkpoint to start from: a file or URL (downloaded once to the torch
+                                       #: hub cache); EasyRobust Sequential or plain timm state dicts
+    init_ema: bool = False             #: start from the checkpoint's EMA weights (state_dict_ema)
     num_classes: Optional[int] = None
     data: str = "digits"               #: "digits" (embedded) or an ImageFolder root with class subfolders
     image_size: Optional[int] = None   #: resize folder images (default: the model's input size)
@@ -88,11 +97,13 @@ class TrainConfig:
             setattr(self, k, v)
         trainers.get(self.method)
         check_model_name(self.model)
+        if self.warm_start is None:      # older configs wrote null for "the default"
+            self.warm_start = False
         return self
 
     @property
     def use_warm_start(self) -> bool:
-        return (self.search == "fast") if self.warm_start is None else bool(self.warm_start)
+        return bool(self.warm_start)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,6 +115,26 @@ class TrainConfig:
         if unknown:
             raise NSPluginError(f"unknown config key(s) {unknown}; known keys: {', '.join(sorted(known))}")
         return cls(**d)
+
+
+#: Where each :class:`TrainConfig` default comes from (printed next to every setting a comparison records in
+#: ``config.json``, so a paper-scale run shows which values it did not set itself).
+_APPC = "NS-ViT paper App. C (Approximate Nullspace Augmented Finetuning for Robust Vision Transformers)"
+DEFAULT_SOURCES: Dict[str, str] = {
+    **{k: _APPC for k in ("rounds", "steps_per_round", "batch_size", "lr", "sched", "eps", "lim", "noise_lr",
+                          "noise_max_steps", "search_batch_size")},
+    "weight_decay": "NS-ViT reference code (AdamW weight decay 0.05)",
+    "model_ema_decay": "NS-ViT reference code (EMA 0.9998)",
+    "model_ema": "ns_plugin default (off; the paper uses EMA only for DAT + NS)",
+    "warm_start": "ns_plugin default (null: on for search fast, off for faithful; Alg. 1 line 3 starts fresh)",
+    "search": "ns_plugin default (fast: same noise as the reference loop for the same init)",
+    **{k: "NS-ViT reference code (PGD 8/255, step 2/255, 10 steps)" for k in ("pgd_eps", "pgd_alpha", "pgd_steps")},
+    "madry_clean_weight": "classic Madry (CE on adversarial examples only; the reference code used 1)",
+    "trades_beta": "TRADES paper (beta 6; the NS-ViT reference code used 1)",
+    **{k: "EasyRobust DAT example (examples/imageclassification/imagenet/dat)"
+       for k in ("dat_eps", "dat_steps", "dat_lr", "dat_random_start_prob")},
+    "vqgan": "ns_plugin default (small random VQGAN, a stand-in for tests)",
+}
 
 
 def _train_spec():
@@ -119,13 +150,15 @@ def _train_spec():
         "eps": Float(0, 2, lo_open=True), "lim": Float(0, 1e4, lo_open=True),
         "noise_lr": Float(0, 100, lo_open=True), "noise_max_steps": pos, "search": Choice("fast", "faithful"),
         "search_batch_size": pos, "warm_start": Bool(optional=True),
+        "stop_confirm_batches": Int(0), "heldout_size": Int(0),
+        "random_shrink": Float(0, 1, lo_open=True, hi_open=True),
         "random_norm": Float(0, 1e9, lo_open=True, optional=True),
         "pgd_eps": Float(0, 1, lo_open=True), "pgd_alpha": Float(0, 1, lo_open=True), "pgd_steps": pos,
         "madry_clean_weight": Float(0, 1e4), "trades_beta": Float(0, 1e4),
         "vqgan": Choice(*VQGAN_CONFIGS), "vqgan_seed": Int(0),
         "dat_eps": Float(0, 1e3, lo_open=True), "dat_steps": pos, "dat_lr": Float(0, 1e3, lo_open=True),
         "dat_random_start_prob": Float(0, 1),
-        "model": Str(), "pretrained": Bool(), "checkpoint": PathCheck("file", optional=True),
+        "model": Str(), "pretrained": Bool(), "init": Str(optional=True), "init_ema": Bool(),
         "num_classes": Int(1, 100_000, optional=True),
         "data": PathCheck("dir", special=("digits",)), "image_size": Int(1, 8192, optional=True),
         "train_limit": Int(1, optional=True),
@@ -137,13 +170,9 @@ def check_model_name(name: str, where: str = "model") -> str:
     """``"default"`` or a model name timm knows (``name.tag`` pretrained tags allowed), else one line."""
     if name == "default":
         return name
-    import timm
-    base = name.split(".", 1)[0]
-    known = timm.list_models()
-    if base not in known:
-        import difflib
-        close = difflib.get_close_matches(base, known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+    from ..weights import timm_name_hint
+    hint = timm_name_hint(name)
+    if hint is not None:
         raise NSPluginError(f"{where} {name!r} is neither 'default' nor a timm model name{hint}")
     return name
 

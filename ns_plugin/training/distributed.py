@@ -36,18 +36,20 @@ def init_distributed() -> Tuple[int, int, torch.device]:
 
 def search_and_broadcast(raw: nn.Module, data, cfg: TrainConfig, rnd: int, *,
                          init: Optional[torch.Tensor] = None, world: int = 1, rank: int = 0,
-                         device: Optional[torch.device] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
+                         device: Optional[torch.device] = None, confirm: Optional[torch.Tensor] = None
+                         ) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """Run ``ns_plugin.nullspace.search.search_noise`` on rank 0 (fp32, eval mode, unwrapped model,
     init seeded by ``(cfg.seed, rnd)``) and ``dist.broadcast`` the noise and its statistics to every rank.
 
     Returns ``(noise (1, N, D), {"noise_steps", "mse_prob", "noise_norm", "reached", "search_seconds"})``;
     every rank gets the identical noise. ``data`` (images tensor, Dataset or iterable of batches, drawn in
-    minibatches of ``cfg.search_batch_size``) is only used (and needed) on rank 0."""
+    minibatches of ``cfg.search_batch_size``) is only used (and needed) on rank 0. ``confirm`` (rank 0): fixed
+    images a candidate stop must also hold on (``cfg.stop_confirm_batches``); then ``confirm_mse_prob`` too."""
     from ..anatomy import token_shape
 
     device = device or next(raw.parameters()).device
     n, d = token_shape(raw)
-    stats = torch.zeros(5, dtype=torch.float64, device=device)
+    stats = torch.zeros(6, dtype=torch.float64, device=device)
     if rank == 0:
         from ..nullspace.search import search_noise
 
@@ -58,13 +60,15 @@ def search_and_broadcast(raw: nn.Module, data, cfg: TrainConfig, rnd: int, *,
             with torch.autocast(device.type, enabled=False):
                 noise, rec = search_noise(raw, data, eps=cfg.eps, lim=cfg.lim, lr=cfg.noise_lr,
                                           max_steps=cfg.noise_max_steps, init=init, mode=cfg.search,
-                                          batch_size=cfg.search_batch_size, generator=g, progress=False)
+                                          batch_size=cfg.search_batch_size, generator=g, progress=False,
+                                          confirm=confirm)
         finally:
             raw.train(was)
             for p in raw.parameters():
                 p.grad = None
         noise = noise.detach().float().reshape(1, n, d).to(device)
-        stats = torch.tensor([rec.steps, rec.mse_prob, rec.norm, float(bool(rec.reached)), rec.seconds],
+        cm = float("nan") if rec.confirm_mse_prob is None else rec.confirm_mse_prob
+        stats = torch.tensor([rec.steps, rec.mse_prob, rec.norm, float(bool(rec.reached)), rec.seconds, cm],
                              dtype=torch.float64, device=device)
     else:
         noise = torch.zeros(1, n, d, device=device)
@@ -73,5 +77,8 @@ def search_and_broadcast(raw: nn.Module, data, cfg: TrainConfig, rnd: int, *,
         dist.broadcast(noise, 0)
         dist.broadcast(stats, 0)
     s = stats.tolist()
-    return noise, {"noise_steps": int(s[0]), "mse_prob": s[1], "noise_norm": s[2], "reached": bool(s[3]),
-                   "search_seconds": s[4]}
+    out = {"noise_steps": int(s[0]), "mse_prob": s[1], "noise_norm": s[2], "reached": bool(s[3]),
+           "search_seconds": s[4]}
+    if cfg.stop_confirm_batches:
+        out["confirm_mse_prob"] = s[5]
+    return noise, out

@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from dataclasses import replace as dataclasses_replace
+
 from ..errors import NSPluginError
 from ..evaluation.report import plot_log, write_log
 from .config import TrainConfig
@@ -38,10 +40,11 @@ from .state import (CHECKPOINT_FORMAT, BatchStream, ModelEma, architecture_signa
 # ---------------------------------------------------------------------------------------------------
 def build_model(cfg: TrainConfig, progress: bool = False) -> nn.Module:
     """``Sequential(Normalize, net)`` named by ``cfg.model`` ("default" = the cached trained tiny ViT, or a
-    timm model name), optionally loaded from ``cfg.checkpoint``."""
+    timm model name, with timm's pretrained weights when ``cfg.pretrained``), started from ``cfg.init`` (a
+    file or URL; EasyRobust / timm / torch formats, its EMA weights with ``cfg.init_ema``) when given."""
     from ..models import create_model
 
-    return create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained,
+    return create_model(cfg.model, checkpoint=cfg.init, use_ema=cfg.init_ema, pretrained=cfg.pretrained,
                         num_classes=cfg.num_classes, progress=progress)
 
 
@@ -174,6 +177,11 @@ class Trainer:
         self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total) if cfg.sched == "cosine"
                       else torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0))
         self.use_amp = bool(cfg.amp and self.device.type == "cuda")
+        if cfg.amp and not self.use_amp:  # say so, and record what runs: the saved config says amp false
+            import logging
+            logging.getLogger(__name__).warning("amp: true needs CUDA; training on %s in fp32 (recorded as amp: "
+                                                "false)", self.device)
+            self.cfg = cfg = dataclasses_replace(cfg, amp=False)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.stream = BatchStream(len(train_set), cfg.batch_size, cfg.seed, self.rank, self.world)
         self.method = method_cls(cfg)
@@ -209,8 +217,37 @@ class Trainer:
         ``search_batch_size`` training images: searched on rank 0 in fp32 and eval mode with the unwrapped
         model, then broadcast to every rank."""
         data = self.search_data() if self.is_main else None
+        confirm = self.confirm_images() if self.is_main else None
         return search_and_broadcast(self.raw, data, self.cfg, rnd, init=init, world=self.world, rank=self.rank,
-                                    device=self.device)
+                                    device=self.device, confirm=confirm)
+
+    def confirm_images(self) -> Optional[torch.Tensor]:
+        """``stop_confirm_batches`` x ``search_batch_size`` fixed training images (seeded by the run's seed, the
+        same every round) on which a candidate stop of the noise search must hold too; None when off."""
+        k = self.cfg.stop_confirm_batches
+        if not k:
+            return None
+        g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + 15_485_863)
+        n = min(k * self.cfg.search_batch_size, len(self.train_set))
+        idx = torch.randperm(len(self.train_set), generator=g)[:n]
+        return _fetch(self.train_set, idx)[0]
+
+    def heldout_images(self) -> Optional[torch.Tensor]:
+        """Up to ``heldout_size`` held-out images (never trained on, never used by the search): the digits'
+        validation split, or ``val/`` of a data folder; None when there are none or ``heldout_size`` is 0.
+        Every NS-style round logs its noise's MSE probability on them (``heldout_mse_prob``)."""
+        if not hasattr(self, "_heldout"):
+            self._heldout = None
+            n = self.cfg.heldout_size
+            if n:
+                from ..data import image_folder, load_digits, tensors
+                if self.cfg.data == "digits":
+                    self._heldout = load_digits(seed=0).val.tensors[0][:n]
+                elif (Path(self.cfg.data) / "val").is_dir():
+                    from ..models import input_size
+                    size = self.cfg.image_size or ((input_size(self.raw) or (3, None, None))[1])
+                    self._heldout = tensors(image_folder(Path(self.cfg.data) / "val", size), n)[0]
+        return self._heldout
 
     @torch.no_grad()
     def mse_prob(self, noise: torch.Tensor, rnd: int = 0) -> float:
