@@ -13,7 +13,7 @@ from typing import Callable, List, Optional
 from .errors import NSPluginError
 
 #: Subcommands in help order. A name whose module does not exist yet is simply not offered.
-COMMANDS = ["demo", "nullspace", "noise", "train", "evaluate", "watermark", "fingerprint"]
+COMMANDS = ["demo", "nullspace", "noise", "train", "evaluate", "watermark", "fingerprint", "run"]
 
 
 def _available():

@@ -146,6 +146,7 @@ def _compare_spec() -> Dict[str, Any]:
                                   optional=True),
             "autoattack": Mapping_({"eps": unit, "version": Choice("standard", "plus", "rand")}, optional=True),
             "damagenet": PathCheck("dir", optional=True),
+            "leaderboard_dataset": Str(optional=True),
             "engine": Choice("fast", "easyrobust"),
             "severities": ListOf(Int(1, 5), min_len=1),
             "corruptions": OneOf(Choice("all"), ListOf(Choice(*IMAGENET_C), min_len=1)),
@@ -302,7 +303,7 @@ class Comparison:
             test, fresh = s.test.tensors, s.val.tensors
             cors = self._corruptions()
             key = "all" if cors == list(IMAGENET_C) else "-".join(cors)
-            root = _bench_cache() / f"digits_s0_sev{''.join(map(str, sev))}_{key}"
+            root = _bench_cache() / f"digits_s0_sev{''.join(map(str, sev))}_{key}_r2"  # r2: rendition/ layout
             if not root.is_dir():
                 self.log(f"writing EasyRobust-layout benchmark folders to {root} (once; cached)")
                 write_benchmark_folders(root, test, fresh=fresh, severities=sev, corruptions=cors,
@@ -469,6 +470,9 @@ class Comparison:
             if col in skip:
                 res[col] = None
                 continue
+            if not (root / folder).is_dir() and any((root / f).is_dir() for f, (_, c) in SHIFT_FOLDERS.items()
+                                                     if c == col and f != folder):
+                continue  # the column's other folder holds it (imagenet-r for 1000 classes, rendition otherwise)
             if n_cls != 1000 and evaluator in ("evaluate_imagenet_a", "evaluate_imagenet_r"):
                 evaluator = "evaluate_imagenet_val"  # their 200-class masks assume 1000 ImageNet logits
             acc = folder_accuracy(model, root / folder, engine="easyrobust", evaluator=evaluator)
@@ -522,10 +526,19 @@ class Comparison:
         return text
 
     def leaderboard(self, evals: Dict[str, Dict[str, Any]], rows: Dict[str, Dict[str, Any]]) -> None:
-        """robustbench ``model_info`` entries (:func:`.report.leaderboard_entries`) under ``leaderboard/``."""
+        """robustbench ``model_info`` entries (:func:`.report.leaderboard_entries`) under
+        ``leaderboard/<dataset>/<threat>/`` and ``leaderboard/index.html`` (robustbench's table format)."""
+        from .leaderboard import write_leaderboard_page
         from .report import leaderboard_entries
-        for rel, entry in leaderboard_entries(self.cfg, evals, rows).items():
+        source = ""
+        if self.cfg["eval"].get("autoattack"):
+            from ..integrations import robustbench as compat
+            source = compat.ensure_autoattack()
+        entries = leaderboard_entries(self.cfg, evals, rows, autoattack_source=source, baseline=self.baseline_name)
+        for rel, entry in entries.items():
             _write_json(self.out / "leaderboard" / rel, entry)
+        if entries:
+            write_leaderboard_page(self.out / "leaderboard", title=f"ns_plugin comparison {self.cfg['name']!r}")
 
     def plots(self) -> Optional[Path]:
         """All runs' per-round curves in one figure (:func:`.report.training_curves_figure`)."""

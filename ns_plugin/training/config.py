@@ -215,17 +215,21 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, **kw)
 
 
-def read_yaml(path: str) -> Dict[str, Any]:
-    """The mapping in a YAML config file, with dashes in keys normalised to underscores."""
+def read_yaml(path: str, *, ignore_unsupported: bool = False, extras: Optional[Dict[str, Any]] = None
+              ) -> Dict[str, Any]:
+    """The :class:`TrainConfig` keys of a YAML config file (dashes in keys normalised to underscores).
+    EasyRobust training YAMLs are translated (:mod:`ns_plugin.training.easyrobust_yaml`); script-level values
+    (``output``) go into ``extras`` when a dict is given."""
     from ..io import read_yaml_mapping
+    from .easyrobust_yaml import translate
 
     d = read_yaml_mapping(path)
     d = {str(k).replace("-", "_"): v for k, v in d.items()}
     known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise NSPluginError(f"config file {path} has unknown key(s) {unknown}; known keys: {', '.join(sorted(known))}")
-    return d
+    ours, more = translate(d, known, ignore_unsupported=ignore_unsupported, source=f"config file {path}")
+    if extras is not None:
+        extras.update(more)
+    return ours
 
 
 def build_parser(prog: str = "train") -> argparse.ArgumentParser:
