@@ -3,7 +3,8 @@ EasyRobust ecosystem.
 
 ``pip install -e .`` installs the package and the requirements that resolve cleanly. robustbench and
 easyrobust pin incompatible timm versions, so ``make`` (tools/bootstrap.sh) installs those two the way
-README "Why the install is unusual" explains.
+README "Why the install is unusual" explains, plus tools/autoattack_easyrobust (the ``autoattack``
+module robustbench imports, running easyrobust's vendored AutoAttack).
 """
 from setuptools import find_packages, setup
 
@@ -17,12 +18,17 @@ setup(
     python_requires=">=3.10",
     license="MIT",
     packages=find_packages(include=["ns_plugin", "ns_plugin.*"]),
-    # demo config and the embedded default model's weights (safetensors, SHA-256 checked on load)
-    package_data={"ns_plugin": ["configs/*.yaml", "weights/*.safetensors"]},
+    # demo config, the embedded default model's weights (safetensors, SHA-256 checked on load), the
+    # `ns-plugin run` sitecustomize and the leaderboard table template
+    package_data={"ns_plugin": ["configs/*.yaml", "weights/*.safetensors", "_site/sitecustomize.py",
+                                "evaluation/templates/*.j2"]},
     install_requires=[
         "torch>=2.1",
         "torchvision",
         "timm>=1.0,<1.1",
+        # timm 1.0.9 loads pretrained weights through huggingface_hub and imports an API that 2.0 removed
+        # (repo_type_and_id_from_hf_id); 1.33.0 is the newest release it imports (tools/bootstrap.sh pins it)
+        "huggingface_hub>=1.33.0,<2",
         "numpy",
         "scipy",
         "tqdm",
@@ -33,29 +39,14 @@ setup(
     ],
     extras_require={
         # installed with --no-deps by tools/bootstrap.sh because of upstream pins (see README)
-        "ecosystem": ["torchattacks==3.5.1", "robustbench==1.1.1", "easyrobust==0.2.4", "pyautoattack"],
+        "ecosystem": ["torchattacks==3.5.1", "robustbench==1.1.1", "easyrobust==0.2.4"],
         "test": ["pytest", "ruff"],
     },
     entry_points={
         "console_scripts": ["ns-plugin=ns_plugin.cli:main"],
-        # torchattacks has no plugin mechanism of its own: tools can discover our attacks here
-        # (ns_plugin.register() puts them into the torchattacks namespace and __all__)
-        "torchattacks.plugins": [
-            "PatchFool=ns_plugin.attacks.patchfool:PatchFool",
-            "NullspaceNoise=ns_plugin.attacks.nullspace_noise:NullspaceNoise",
-            "TargetedNullspace=ns_plugin.attacks.targeted_nullspace:TargetedNullspace",
-            "EmbeddingMatch=ns_plugin.attacks.embedding_match:EmbeddingMatch",
-            "DamageNet=ns_plugin.attacks.damagenet:DamageNet",
-        ],
-        # third-party packages declare attacks under this group; ns_plugin.register() loads them
-        "ns_plugin.attacks": [
-            "PatchFool=ns_plugin.attacks.patchfool:PatchFool",
-            "NullspaceNoise=ns_plugin.attacks.nullspace_noise:NullspaceNoise",
-            "TargetedNullspace=ns_plugin.attacks.targeted_nullspace:TargetedNullspace",
-            "EmbeddingMatch=ns_plugin.attacks.embedding_match:EmbeddingMatch",
-            "DamageNet=ns_plugin.attacks.damagenet:DamageNet",
-        ],
-        # callables that register timm models (ns_vit_digits) when a tool wants them
-        "timm.plugins": ["ns_plugin=ns_plugin.integrations.timm:register_timm_digits"],
+        # Neither timm 1.0.9 nor torchattacks 3.5.1 reads entry points, so we declare none for them (programs
+        # that never import ns_plugin see our models and attacks through `ns-plugin run`). Third-party
+        # packages declare attacks under "ns_plugin.attacks" (Name = package.module:Class); ns_plugin.register()
+        # loads them into torchattacks (tests/test_plugins.py installs such a distribution).
     },
 )

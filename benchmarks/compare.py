@@ -39,7 +39,7 @@ def quick_overrides(cfg):
 
 
 def main(argv=None) -> int:
-    from ns_plugin.cli import guarded
+    from ns_plugin.cli import guarded, show_library_messages
     from ns_plugin.evaluation.harness import load_comparison_config, run_comparison
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -53,6 +53,8 @@ def main(argv=None) -> int:
                         "(a smoke run of the whole pipeline)")
     a = p.parse_args(argv)
     main_rank = int(os.environ.get("RANK", "0")) == 0   # under torchrun only rank 0 prints
+    if main_rank:
+        show_library_messages()  # the preflight table, progress notes and warnings, on stderr
 
     def body() -> int:
         # a smoke run replaces the config's data folders: those of the real run need not exist here

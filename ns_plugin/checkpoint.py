@@ -10,6 +10,7 @@ Everything in it loads with ``torch.load(weights_only=True)``. Writes are atomic
 """
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 from pathlib import Path
@@ -94,7 +95,9 @@ def read_checkpoint(path: os.PathLike | str, *, trust: bool = False,
     if path.stat().st_size == 0:
         raise NSPluginError(f"checkpoint {path} is empty (0 bytes); it was not written completely, re-create it")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        # timm's / EasyRobust's CheckpointSaver stores the training flags as an argparse.Namespace: plain data
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         if not trust:
             raise NSPluginError(f"checkpoint {path} contains pickled Python objects that weights_only loading "

@@ -13,7 +13,7 @@ from typing import Callable, List, Optional
 from .errors import NSPluginError
 
 #: Subcommands in help order. A name whose module does not exist yet is simply not offered.
-COMMANDS = ["demo", "nullspace", "noise", "train", "evaluate", "watermark", "fingerprint"]
+COMMANDS = ["demo", "nullspace", "noise", "train", "evaluate", "watermark", "fingerprint", "run"]
 
 
 def _available():
@@ -52,7 +52,7 @@ class _StderrHandler(logging.Handler):
         print(f"ns-plugin: {record.getMessage()}", file=sys.stderr)
 
 
-def _show_library_messages() -> None:
+def show_library_messages() -> None:
     """The library reports through ``logging`` (logger ``ns_plugin``); the CLI shows its INFO messages."""
     lg = logging.getLogger("ns_plugin")
     if not any(isinstance(h, _StderrHandler) for h in lg.handlers):
@@ -62,7 +62,7 @@ def _show_library_messages() -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
-    _show_library_messages()
+    show_library_messages()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

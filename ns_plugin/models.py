@@ -178,21 +178,11 @@ def build_net(arch, *, num_classes: Optional[int] = None, pretrained: bool = Fal
             raise NSPluginError(f"{arch!r} has no downloadable weights; use create_model('default') for the "
                                 f"trained embedded model or pass checkpoint=")
         return VisionTransformer(**{**DEFAULT_VIT, **kw})
-    import timm
-    if not isinstance(arch, str) or not timm.is_model(arch):
+    if not isinstance(arch, str):
         raise NSPluginError(f"unknown model {arch!r}: use 'default', a timm model name (see timm.list_models()) "
                             f"or a checkpoint file")
-    try:
-        return timm.create_model(arch, pretrained=pretrained, **kw)
-    except NSPluginError:
-        raise
-    except RuntimeError as e:
-        raise NSPluginError(f"cannot create timm model {arch!r}: {str(e).splitlines()[0][:120]}") from None
-    except Exception as e:  # noqa: BLE001 (download failures come in many types)
-        if pretrained:
-            raise NSPluginError(f"cannot load pretrained weights for timm model {arch!r} ({type(e).__name__}); "
-                                f"they need network access once, or pass checkpoint=") from None
-        raise NSPluginError(f"cannot create timm model {arch!r}: {e}") from None
+    from .weights import create_timm
+    return create_timm(arch, pretrained=pretrained, **kw)  # cached weights offline, one-line errors
 
 
 def _looks_like_file(name) -> bool:
@@ -212,37 +202,37 @@ def create_model(name_or_checkpoint="default", *, checkpoint=None, pretrained: b
         name_or_checkpoint: ``"default"`` (the embedded tiny ViT: trained and cached on first use unless a
             ``checkpoint`` is given), ``"ns_vit_digits"`` (its architecture), a timm model name, or the path of
             a checkpoint whose ``meta["arch"]`` (or ``meta["model"]``) names the architecture.
-        checkpoint: safe checkpoint (see :mod:`ns_plugin.checkpoint`) whose weights are loaded; its class count
-            sets the classifier size; ``0.mean``/``0.std`` entries set the normaliser.
-        pretrained: timm's pretrained weights (timm names only; needs network access once).
+        checkpoint: a checkpoint file or URL (downloaded once into the torch hub cache) whose weights are loaded,
+            in any format :mod:`ns_plugin.weights` reads (ours, EasyRobust's ``Sequential``, plain timm, training
+            checkpoints with ``state_dict`` / ``state_dict_ema`` / ``model``, ``module.`` prefixes); its class
+            count sets the classifier size; ``0.mean``/``0.std`` entries set the normaliser.
+        pretrained: timm's pretrained weights, read from the Hugging Face / torch hub caches or downloaded;
+            offline and not cached, one line naming the model and the caches (:mod:`ns_plugin.weights`).
         num_classes: classifier size; with a checkpoint it must agree with the checkpoint's.
-        use_ema: load the checkpoint's ``state_dict_ema``.
+        use_ema: load the checkpoint's EMA weights (``state_dict_ema`` / ``model_ema``).
         trust: allow a checkpoint that needs full unpickling (only for files you trust).
 
     Without a checkpoint the normaliser takes timm's ``pretrained_cfg`` mean/std (the digits statistics for the
     embedded architecture).
     """
-    from .checkpoint import load_into, read_checkpoint
+    from .checkpoint import load_into
+    from .weights import is_url, read_init
 
     name = name_or_checkpoint
     if name is None or name == "":
         name = "default"
-    if _looks_like_file(name):
+    if _looks_like_file(name) or (isinstance(name, str) and is_url(name)):
         if checkpoint is not None:
             raise NSPluginError("pass the checkpoint either as the first argument or as checkpoint=, not both")
         checkpoint = str(name)
         name = None
     sd = None
     if checkpoint is not None:
-        ckpt = read_checkpoint(checkpoint, trust=trust)
-        key = "state_dict_ema" if use_ema else "state_dict"
-        sd = ckpt.get(key)
-        if not isinstance(sd, dict):
-            raise NSPluginError(f"checkpoint {checkpoint} has no {key!r} entry"
-                                + ("; drop use_ema (--use-ema)" if use_ema else ""))
+        sd, ckpt = read_init(str(checkpoint), use_ema=use_ema, trust=trust, progress=progress)
         if name is None:
             meta = ckpt.get("meta") or {}
-            name = next((a for a in (meta.get("arch"), meta.get("model"))
+            # ours: meta["arch"]; timm's / EasyRobust's CheckpointSaver: a top-level "arch" (the --model flag)
+            name = next((a for a in (meta.get("arch"), meta.get("model"), ckpt.get("arch"))
                          if isinstance(a, dict) or (isinstance(a, str) and a)), None)
             if name is None:
                 raise NSPluginError(f"checkpoint {checkpoint} does not name its architecture (meta['arch']); "

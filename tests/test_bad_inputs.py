@@ -59,13 +59,14 @@ def inputs(tmp_path_factory):
     for name, text in {
         "seed_abc.yaml": "seed: abc\n", "data5.yaml": "data: 5\n", "unknown.yaml": "foo: 1\n",
         "list.yaml": "- a\n- b\n", "badyaml.yaml": "a: [1, 2\n", "ema_maybe.yaml": "model_ema: maybe\n",
-        "rounds_abc.yaml": "training: {rounds: abc}\n", "name5.yaml": "name: 5\n",
-        "table4.yaml": "tables: {table4: [['0.1', 'ViT']]}\n", "evallist.yaml": "eval: [1, 2]\n",
-        "resnet.yaml": "model: resnet18\n", "nattack.yaml": "eval: {n_attack: -5}\n",
-        "runs_empty.yaml": "runs: []\n", "dup.yaml": "runs: [{name: a, method: ns}, {name: a, method: ns}]\ntables: {}\n",
-        "sev.yaml": "eval: {severities: [0, 9]}\n", "corr.yaml": "eval: {corruptions: [foggy]}\n",
-        "run_eps.yaml": "runs: [{name: a, method: ns, eps: -1}]\ntables: {}\n",
-        "nodata.yaml": f"data: {d / 'cats'}\n",
+        "rounds_abc.yaml": "base: demo\ntraining: {rounds: abc}\n", "name5.yaml": "base: demo\nname: 5\n",
+        "table4.yaml": "base: demo\ntables: {table4: [['0.1', 'ViT']]}\n", "evallist.yaml": "base: demo\neval: [1, 2]\n",
+        "resnet.yaml": "base: demo\nmodel: resnet18\n", "nattack.yaml": "base: demo\neval: {n_attack: -5}\n",
+        "runs_empty.yaml": "base: demo\nruns: []\n",
+        "dup.yaml": "base: demo\nruns: [{name: a, method: ns}, {name: a, method: ns}]\ntables: {}\n",
+        "sev.yaml": "base: demo\neval: {severities: [0, 9]}\n", "corr.yaml": "base: demo\neval: {corruptions: [foggy]}\n",
+        "run_eps.yaml": "base: demo\nruns: [{name: a, method: ns, eps: -1}]\ntables: {}\n",
+        "nodata.yaml": f"base: demo\ndata: {d / 'cats'}\n",
     }.items():
         (d / name).write_text(text)
     return d
@@ -101,20 +102,20 @@ CLI_CASES = [
     ("train-config-binary", ["train", "--config", "{i}/good.pth"], "not a text"),
     ("demo-config-binary", ["demo", "--config", "{i}/good.pth"], "not a text"),
     ("train-config-missing", ["train", "--config", "{i}/missing.yaml"], "does not exist"),
-    ("train-checkpoint-zero", ["train", "--checkpoint", "{i}/zero.pth", "--out", "{w}/R"] + TRAIN_FAST, "empty"),
-    ("train-checkpoint-folder", ["train", "--checkpoint", "{i}/ckdir"], "folder"),
+    ("train-checkpoint-zero", ["train", "--init", "{i}/zero.pth", "--out", "{w}/R"] + TRAIN_FAST, "empty"),
+    ("train-checkpoint-folder", ["train", "--init", "{i}/ckdir"], "folder"),
     ("train-out-is-file", ["train", "--out", "{i}/afile"] + TRAIN_FAST, "is a file"),
     ("train-out-under-file", ["train", "--out", "{i}/afile/R"] + TRAIN_FAST, "file"),
     ("train-resume-nothing", ["train", "--resume", "--out", "{w}/R"] + TRAIN_FAST, "nothing to resume"),
-    ("train-11-classes", ["train", "--checkpoint", "{i}/good.pth", "--data", "{i}/eleven", "--out", "{w}/R"]
+    ("train-11-classes", ["train", "--init", "{i}/good.pth", "--data", "{i}/eleven", "--out", "{w}/R"]
      + TRAIN_FAST, "11 classes but the model has 10"),
-    ("train-image-size", ["train", "--checkpoint", "{i}/good.pth", "--data", "{i}/eleven", "--image-size", "4",
+    ("train-image-size", ["train", "--init", "{i}/good.pth", "--data", "{i}/eleven", "--image-size", "4",
                           "--out", "{w}/R"] + TRAIN_FAST, "input size 32"),
-    ("train-five-class-ckpt", ["train", "--checkpoint", "{i}/five.pth", "--out", "{w}/R"] + TRAIN_FAST,
+    ("train-five-class-ckpt", ["train", "--init", "{i}/five.pth", "--out", "{w}/R"] + TRAIN_FAST,
      "10 classes but the model has 5"),
     ("train-limit-zero", ["train", "--train-limit", "0"], "--train-limit"),
     ("train-num-classes-default", ["train", "--num-classes", "5", "--out", "{w}/R"] + TRAIN_FAST, "10 classes"),
-    ("train-bad-image", ["train", "--checkpoint", "{i}/good.pth", "--data", "{i}/notimg", "--out", "{w}/R"]
+    ("train-bad-image", ["train", "--init", "{i}/good.pth", "--data", "{i}/notimg", "--out", "{w}/R"]
      + TRAIN_FAST, "b.png"),
     ("eval-batch-neg", ["evaluate", "--batch-size", "-5"], "--batch-size"),
     ("eval-batch-zero", ["evaluate", "--batch-size", "0"], "--batch-size"),

@@ -17,9 +17,13 @@ def bench(tmp_path_factory, digits):
 
 def test_layout_is_easyrobust(bench):
     for rel in ("imagenet-val", "imagenet-c/glass_blur/5", "imagenet-c/fog/1", "imagenetv2", "imagenet-sketch",
-                "imagenet-r", "imagenet-style"):
+                "rendition", "imagenet-style"):
         assert (bench / rel).is_dir(), rel
         assert len(list((bench / rel).rglob("*.png"))) in (40, 30)
+    # 10 classes: no imagenet-r/ (EasyRobust's evaluate_imagenet_r masks 1000 logits and would crash)
+    assert not (bench / "imagenet-r").exists()
+    note = (bench / "EASYROBUST.txt").read_text()
+    assert "--input-size 32 --crop-pct 1.0 --num-classes 10" in note and "rendition/" in note
     assert not [p for p in bench.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
 
 

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.usefixtures("default_model_cache")
 
 TINY = {
     "name": "tiny",
+    "base": "demo",
     "seeds": [0],     # one seed: the single-seed layout (tests/test_seeds.py covers several)
     "training": {"rounds": 1, "steps_per_round": 2, "batch_size": 16, "search_batch_size": 16,
                  "noise_max_steps": 30, "plot": False},
@@ -101,10 +102,15 @@ def test_tiny_comparison_interrupt_resume_and_outputs(tmp_path):
     for name, r in rows.items():
         ev = json.loads((out / "evals" / f"{name.lower().replace(' ', '_').replace('+', '_')}.json").read_text())
         assert 0 <= r["PGD"] <= r["FGSM"] + 1e-9 and r["FGSM"] <= ev["clean_attack_subset"] + 1e-9, name
-    lb = json.loads((out / "leaderboard" / "Linf" / "vit___ns.json").read_text())
+    # robustbench's layout <dataset>/<threat>/<Name>.json; no AutoAttack in this config, so no Linf board
+    lb = json.loads((out / "leaderboard" / "digits" / "corruptions" / "ViT___NS.json").read_text())
     for field in ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
-                  "architecture", "eps", "clean_acc", "reported", "autoattack_acc"):
+                  "architecture", "eps", "clean_acc", "corruptions_acc"):
         assert field in lb
+    assert lb["dataset"] == "digits" and isinstance(lb["clean_acc"], str) and float(lb["corruptions_acc"]) > 0
+    assert "corruptions_mce" not in lb and "not to AlexNet" in lb["footnote"]
+    assert not (out / "leaderboard" / "digits" / "Linf").exists()
+    assert 'id="digits_leaderboard_corruptions"' in (out / "leaderboard" / "index.html").read_text()
     assert (out / "table2.csv").read_text().startswith("Method,Clean")
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert set(summary["rows"]) == {"ViT", "ViT + FT", "ViT + NS"}

@@ -9,14 +9,14 @@ PKG = Path(__file__).resolve().parents[1] / "ns_plugin"
 LAYERS = {
     "ns_plugin.errors": 0, "ns_plugin._registry": 0, "ns_plugin.io": 0, "ns_plugin._lazy": 0, "ns_plugin.validation": 0,
     "ns_plugin.models": 1, "ns_plugin.checkpoint": 1, "ns_plugin.data": 1, "ns_plugin.anatomy": 1,
-    "ns_plugin.embedded": 1,
+    "ns_plugin.embedded": 1, "ns_plugin.weights": 1,
     "ns_plugin.nullspace": 2,
     "ns_plugin.attacks": 3,
     "ns_plugin.evaluation": 4,
     "ns_plugin.training": 5,
     "ns_plugin.applications": 6, "ns_plugin.analysis": 6,
     "ns_plugin.integrations": 7,
-    "ns_plugin.evaluation.harness": 8, "ns_plugin.evaluation.seeds": 8,
+    "ns_plugin.evaluation.harness": 8, "ns_plugin.evaluation.preflight": 8, "ns_plugin.evaluation.seeds": 8,
     "ns_plugin.cli": 8, "ns_plugin.commands": 8, "ns_plugin.__main__": 8,
     "ns_plugin": 8,  # the package's lazy table of public names
 }

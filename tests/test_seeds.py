@@ -10,6 +10,7 @@ from ns_plugin.errors import NSPluginError
 
 TWO_SEEDS = {
     "name": "tiny_seeds",
+    "base": "demo",   # keys not given take the demo's values
     "seeds": [0, 1],
     "training": {"rounds": 2, "steps_per_round": 1, "batch_size": 16, "search_batch_size": 16,
                  "noise_max_steps": 30, "plot": False, "heldout_size": 32},

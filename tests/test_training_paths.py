@@ -115,7 +115,7 @@ def test_train_one_epoch_with_timm_loss_scaler_and_mixup(model, digits):
 
     x, y = digits.train.tensors
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:32], y[:32]), batch_size=8)
-    args = argparse.Namespace(ns_method="ns", steps_per_round=2, search_batch_size=8, noise_max_steps=20,
+    args = argparse.Namespace(method="ns", steps_per_round=2, search_batch_size=8, noise_max_steps=20,
                               clip_grad=1.0, clip_mode="norm")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     mixup = Mixup(mixup_alpha=0.8, num_classes=10, label_smoothing=0.1)

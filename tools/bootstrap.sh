@@ -7,7 +7,7 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 VENV=.venv
 STAMP=$VENV/.ns_plugin_bootstrap
-want=$(cat tools/bootstrap.sh setup.py | sha256sum | cut -d' ' -f1)
+want=$(cat tools/bootstrap.sh setup.py tools/autoattack_easyrobust/setup.py tools/autoattack_easyrobust/autoattack/*.py | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi
@@ -28,23 +28,34 @@ pip_ install torch==2.14.1 torchvision==0.29.1
 pip_ install --no-deps torchattacks==3.5.1
 # 3. the real robustbench 1.1.1 with its deps (timm==1.0.9, pyautoattack, pandas...); setuptools<81 keeps
 #    pkg_resources, which robustbench imports. Then re-lay its files over torchattacks' copy.
-pip_ install "setuptools<81" robustbench==1.1.1 "timm==1.0.9" requests
+#    huggingface_hub: timm 1.0.9 downloads pretrained weights through it and imports
+#    `repo_type_and_id_from_hf_id`, which 2.0 removed (timm then reports "no hub support" and
+#    `pretrained=True` fails); 1.33.0 is the newest release timm 1.0.9 imports (checked: 2.0.0-2.4.0 fail).
+pip_ install "setuptools<81" robustbench==1.1.1 "timm==1.0.9" "huggingface_hub==1.33.0" requests
 pip_ install --no-deps --force-reinstall robustbench==1.1.1
 # 4. easyrobust pins timm==0.5.4 (unresolvable with robustbench): no deps, plus its real runtime needs.
 pip_ install --no-deps easyrobust==0.2.4
 pip_ install tqdm opt_einsum einops ftfy regex PyWavelets
+# 4b. robustbench imports "autoattack" (fra31/auto-attack, not on PyPI; pyautoattack installs another module
+#     name). tools/autoattack_easyrobust is a tiny distribution whose "autoattack" runs easyrobust's vendored
+#     fra31 AutoAttack and adds the "state" module robustbench imports.
+pip_ install --no-deps --no-build-isolation --force-reinstall ./tools/autoattack_easyrobust
 # 5. the rest, then the package itself (its own install_requires are all satisfied by now).
 pip_ install numpy scipy matplotlib scikit-learn pyyaml pytest ruff imagecorruptions==1.1.2
 pip_ install --no-deps -e .
-# fail loudly here rather than in the first test if the layering did not work
+# fail loudly here rather than in the first test if the layering did not work: a fresh interpreter that
+# never imports ns_plugin must import robustbench (and its AutoAttack), easyrobust and torchattacks
 "$VENV/bin/python" - <<'PY'
-import warnings; warnings.filterwarnings("ignore")
-from ns_plugin.integrations import robustbench as compat
-compat.ensure_ecosystem()
-import robustbench, easyrobust.benchmarks, torchattacks, timm
+import sys, warnings; warnings.filterwarnings("ignore")
+import robustbench, robustbench.eval, easyrobust.benchmarks, torchattacks, timm, autoattack
+from robustbench.utils import load_model
 from easyrobust.attacks import pgd_generator
 assert robustbench.benchmark.__module__ == "robustbench.eval", "robustbench is torchattacks' stripped copy"
 assert timm.__version__.startswith("1.0."), timm.__version__
-print(f"ecosystem ok: timm {timm.__version__}, torchattacks {torchattacks.__version__}, robustbench 1.1.1, easyrobust 0.2.4")
+from timm.models._hub import has_hf_hub
+assert has_hf_hub(), "timm cannot use huggingface_hub (pretrained weights would not load): check its version"
+assert "ns_plugin" not in sys.modules
+print(f"ecosystem ok: timm {timm.__version__}, torchattacks {torchattacks.__version__}, robustbench 1.1.1, "
+      f"easyrobust 0.2.4, autoattack = {autoattack.SOURCE}")
 PY
 echo "$want" > "$STAMP"

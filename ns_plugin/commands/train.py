@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    type=argtype(PathCheck("out_dir"), "--out"), help="output folder (default: runs/<method>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pth")
     p.add_argument("--list-methods", action="store_true", help="list the registered methods and exit")
+    p.add_argument("--ignore-unsupported", action="store_true",
+                   help="drop (and list once) EasyRobust YAML keys that have no ns_plugin counterpart instead of "
+                        "refusing the file")
     g = p.add_argument_group("config keys (override the YAML file)")
     add_config_arguments(g)
     for a in g._group_actions:
@@ -39,11 +42,12 @@ def run(args: argparse.Namespace) -> int:
         for name, doc in trainers.describe().items():
             print(f"{name:10s} {doc}")
         return 0
-    d = read_yaml(args.config) if args.config else {}
+    extras: dict = {}
+    d = read_yaml(args.config, ignore_unsupported=args.ignore_unsupported, extras=extras) if args.config else {}
     names = {f.name for f in fields(TrainConfig)}
     d.update({k: v for k, v in vars(args).items() if k in names})
     cfg = TrainConfig.from_dict(d).validate()
-    out = args.out or f"runs/{cfg.method}"
+    out = args.out or extras.get("out") or f"runs/{cfg.method}"
 
     from ..training.loop import train
 

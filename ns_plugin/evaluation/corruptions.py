@@ -16,8 +16,16 @@ Layout written by :func:`write_benchmark_folders` (what EasyRobust's ``evaluate_
     root/imagenet-c/<corruption>/<1..5>/<class>/*.png      (the 15 ImageNet-C corruptions)
     root/imagenetv2/<class>/*.png        a fresh sample of the same distribution (the held-out val split)
     root/imagenet-sketch/<class>/*.png   edge sketches (dark strokes on white)
-    root/imagenet-r/<class>/*.png        renditions: colour-inverted, randomly tinted
+    root/imagenet-r/<class>/*.png        renditions: colour-inverted, randomly tinted (1000 classes only)
+    root/rendition/<class>/*.png         the same renditions for any other number of classes
     root/imagenet-style/<class>/*.png    texture "stylisation": random smooth colour textures
+    root/EASYROBUST.txt                  the benchmark.py command line that reads these folders right
+
+EasyRobust's ``evaluate_imagenet_r`` keeps 200 of 1,000 ImageNet logits (``imagenet_r_mask``), so it fails on
+a model with fewer classes: for such data the renditions go to ``rendition/``, which benchmark.py does not
+read (evaluate it with ``evaluate_imagenet_val``; our suite does). Images are stored at the model's input
+size, so benchmark.py needs ``--input-size <size> --crop-pct 1.0`` (its default 0.875 resizes 32 px images to
+36 and crops the border: 75% instead of 100% on the same images was measured).
 """
 from __future__ import annotations
 
@@ -41,6 +49,20 @@ IMAGENET_C = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "
 #: Shift folders we synthesise (EasyRobust folder name -> description).
 SHIFTS = {"imagenetv2": "fresh sample (held-out split)", "imagenet-sketch": "edge sketches",
           "imagenet-r": "renditions (inverted, tinted)", "imagenet-style": "random colour textures"}
+#: Where the renditions go for data without ImageNet's 1000 classes (see the module docstring).
+RENDITION_FOLDER_SMALL = "rendition"
+
+
+def rendition_folder(num_classes: int) -> str:
+    """``imagenet-r`` for 1000-class data (EasyRobust's evaluator masks 1000 logits), else ``rendition``."""
+    return "imagenet-r" if int(num_classes) == 1000 else RENDITION_FOLDER_SMALL
+
+
+def easyrobust_command(data_dir, image_size: int, num_classes: int, model: str = "MODEL",
+                       ckpt_path: str = "CHECKPOINT") -> str:
+    """The ``benchmarks/benchmark.py`` command line that evaluates a checkpoint on our folders as laid out."""
+    return (f"python benchmarks/benchmark.py --model {model} --ckpt_path {ckpt_path} --data_dir {data_dir} "
+            f"--input-size {int(image_size)} --crop-pct 1.0 --num-classes {int(num_classes)}")
 
 
 class _NumpyWithFloat(types.ModuleType):
@@ -182,7 +204,7 @@ def write_benchmark_folders(root: os.PathLike | str, test: Sequence[torch.Tensor
     jobs += [(f"imagenet-c/{c}/{s}", "corrupt", (c, s), x, y) for c in corruptions for s in severities]
     if fresh is not None:
         jobs.append(("imagenetv2", "clean", None, fresh[0], fresh[1]))
-    jobs += [("imagenet-sketch", "sketch", None, x, y), ("imagenet-r", "rendition", None, x, y),
+    jobs += [("imagenet-sketch", "sketch", None, x, y), (rendition_folder(n_cls), "rendition", None, x, y),
              ("imagenet-style", "style", None, x, y)]
     jobs = [j + (names, str(tmp), seed) for j in jobs]
     # slowest first (glass blur, frost) so the pool stays busy
@@ -198,6 +220,16 @@ def write_benchmark_folders(root: os.PathLike | str, test: Sequence[torch.Tensor
                 _write_job(j)
                 bar.update()
         bar.close()
+        note = (f"EasyRobust-layout benchmark folders: {x.shape[0]} test images, {n_cls} classes, "
+                f"{x.shape[-1]}x{x.shape[-2]} pixels.\n\nEvaluate a checkpoint with EasyRobust's benchmarks/benchmark.py "
+                f"(under `ns-plugin run --checkpoint NAME=PATH --` for an ns_plugin model name):\n\n  "
+                f"{easyrobust_command(root, x.shape[-1], n_cls, 'NAME', 'PATH')}\n\n--crop-pct 1.0: the images are "
+                f"stored at the input size (the default 0.875 resizes and crops their border).\n")
+        if n_cls != 1000:
+            note += (f"Renditions are in {RENDITION_FOLDER_SMALL}/, not imagenet-r/: EasyRobust's evaluate_imagenet_r "
+                     f"keeps 200 of 1000 ImageNet logits and fails for {n_cls} classes; evaluate the folder with "
+                     f"evaluate_imagenet_val.\n")
+        (tmp / "EASYROBUST.txt").write_text(note)
         os.replace(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -48,18 +48,59 @@ def demo_config() -> Dict[str, Any]:
 #: eval keys of the data pipeline (test transform, attacked subset, loaders, EMA, rank waits); see demo.yaml
 _PIPELINE_KEYS = ("crop_pct", "attack_seed", "batch_size", "attack_batch_size", "workers", "use_ema", "wait_timeout")
 
+#: What a comparison file starts from unless it says ``base: demo``: the papers' settings. Training keys it
+#: omits take :class:`ns_plugin.training.TrainConfig`'s defaults (the paper's, see ``DEFAULT_SOURCES``);
+#: ``name``, ``data``, ``model`` and ``runs`` must be given. Nothing of the demo's miniature settings leaks in.
+PAPER_BASE: Dict[str, Any] = {
+    "seed": 0,
+    "training": {},
+    "eval": {"n_attack": 5000, "fgsm_eps": 1 / 255, "pgd": {"eps": 8 / 255, "alpha": 2 / 255, "steps": 10},
+             "cw": {"c": 1.0, "steps": 50, "lr": 0.01}, "patchfool": {"patches": 1, "steps": 250},
+             "autoattack": None, "damagenet": None, "engine": "easyrobust", "severities": [1, 2, 3, 4, 5],
+             "corruptions": "all", "skip": [], "attack_seed": 0},
+    "tables": {},
+}
+#: where each PAPER_BASE eval value comes from (recorded in config.json)
+PAPER_EVAL_SOURCES = {
+    "fgsm_eps": "NS-ViT paper App. C (FGSM eps 1/255, as Mao et al. 2022)",
+    "pgd": "ns_plugin extra column (PGD-10 at 8/255, step 2/255; the paper reports no PGD)",
+    "cw": "ns_plugin default (the paper does not give CW settings)",
+    "patchfool": "ns_plugin default (PatchFool: 1 patch, 250 steps; the paper does not give them)",
+    "n_attack": "ns_plugin default (attacks on 5000 validation images)",
+    "attack_seed": "ns_plugin default (a fixed seeded index list of the validation images, as robustbench fixes its 5,000)",
+    "engine": "EasyRobust evaluators",
+    "severities": "ImageNet-C (Hendrycks & Dietterich): 5 severities",
+    "corruptions": "ImageNet-C: the 15 corruptions of the mCE",
+}
+_REQUIRED = ("name", "data", "model", "runs")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # config
 # ----------------------------------------------------------------------------------------------------------
 def load_comparison_config(path: Optional[os.PathLike] = None, *, check_paths: bool = True,
                            **overrides) -> Dict[str, Any]:
-    """The demo config, or a YAML file's (keys it omits take the demo's values), validated
-    (:func:`validate_config`; ``check_paths=False`` skips the existence checks of data folders, for a config
-    written for another machine: :func:`run_comparison` checks them again before any work)."""
-    cfg = demo_config()
+    """The demo config (no ``path``), or a YAML file's, validated (:func:`validate_config`;
+    ``check_paths=False`` skips the existence checks of data folders, for a config written for another
+    machine: :func:`run_comparison` checks everything again before any work, see :mod:`.preflight`).
+
+    A file starts from :data:`PAPER_BASE` (the papers' settings) unless it says ``base: demo``, in which
+    case the keys it omits take the demo's values (:func:`demo_config`: the miniature on digits)."""
+    new: Dict[str, Any] = {}
     if path is not None:
         from ..io import read_yaml_mapping
-        _merge(cfg, read_yaml_mapping(path))
+        new = read_yaml_mapping(path)
+    base = overrides.get("base", new.get("base", "demo" if path is None else "paper"))
+    if base not in ("demo", "paper"):
+        raise NSPluginError(f"base must be 'paper' or 'demo', got {base!r}")
+    if base == "paper":
+        absent = [k for k in _REQUIRED if k not in new and k not in overrides]
+        if absent:
+            raise NSPluginError(f"comparison config {path} lacks {', '.join(absent)}; give them, or add "
+                                f"base: demo to start from the demo's settings")
+    cfg = demo_config() if base == "demo" else copy.deepcopy(PAPER_BASE)
+    cfg["base"] = base
+    _merge(cfg, new)
     _merge(cfg, overrides)
     if check_paths:
         return validate_config(cfg)
@@ -86,8 +127,9 @@ def _compare_spec() -> Dict[str, Any]:
     train = {k: v for k, v in TRAIN_SPEC.items() if k not in ("method", "model", "data")}
     run = dict(train, name=Str(), method=Str(optional=True))
     unit = Float(0, 1, lo_open=True)
+    from .preflight import ALL_COLUMNS
     return {
-        "name": Str(),
+        "name": Str(), "base": Choice("paper", "demo"),
         "data": PathCheck("dir", special=("digits",)),
         "model": Custom(lambda v, w: _check_vit(check_model_name(Str()(v, w), w), w), "'default' or a timm ViT name"),
         "seed": Int(0),
@@ -108,12 +150,14 @@ def _compare_spec() -> Dict[str, Any]:
                                   optional=True),
             "autoattack": Mapping_({"eps": unit, "version": Choice("standard", "plus", "rand")}, optional=True),
             "damagenet": PathCheck("dir", optional=True),
+            "leaderboard_dataset": Str(optional=True),
             "engine": Choice("fast", "easyrobust"),
             "severities": ListOf(Int(1, 5), min_len=1),
             "corruptions": OneOf(Choice("all"), ListOf(Choice(*IMAGENET_C), min_len=1)),
             "crop_pct": Float(0, 1, lo_open=True, optional=True), "attack_seed": Int(0, optional=True),
             "batch_size": Int(1), "attack_batch_size": Int(1), "workers": Int(0, optional=True),
             "use_ema": Bool(), "wait_timeout": Int(1),
+            "skip": ListOf(Choice(*[c for c in ALL_COLUMNS if c != "Clean"]), optional=True),
             "surrogate_sets": Bool(optional=True),
         }),
         "tables": Mapping_({"table2": ListOf(Str()), "table3": ListOf(Str()),
@@ -250,7 +294,7 @@ class Comparison:
         else:
             status = "new"
         self._state("running")   # run.json first: a folder with config.json alone is never left
-        _write_json(self.out / "config.json", self.cfg)
+        _write_json(self.out / "config.json", dict(self.cfg, resolved=self.resolved()))
         return status
 
     def _state(self, status: str, **extra) -> None:
@@ -275,7 +319,7 @@ class Comparison:
             from ..data import load_digits
             cors = self._corruptions()
             key = "all" if cors == list(IMAGENET_C) else "-".join(cors)
-            root = _bench_cache() / f"digits_s0_sev{''.join(map(str, sev))}_{key}"
+            root = _bench_cache() / f"digits_s0_sev{''.join(map(str, sev))}_{key}_r2"  # r2: rendition/ layout
 
             def write():
                 s = load_digits(seed=0)
@@ -355,6 +399,60 @@ class Comparison:
             raise NSPluginError(f"unknown corruption {bad[0]!r} in eval.corruptions; known: {', '.join(IMAGENET_C)}")
         return list(c)
 
+    # -- settings of each run, with where each value comes from ---------------------------------------------
+    def run_settings(self, run: Dict[str, Any]):
+        """``(values, sources)``: every :class:`TrainConfig` value a run uses and where it came from (the run,
+        the config's training block, the demo's block with ``base: demo``, or the documented default).
+        Rows without a method are evaluated as built (pretrained / init weights), without training."""
+        import dataclasses
+
+        import torch
+
+        from ..training.config import DEFAULT_SOURCES, TrainConfig
+        tr, base = self.cfg["training"], self.cfg.get("base", "demo")
+        demo_tr = demo_config()["training"]
+        vals: Dict[str, Any] = {}
+        src: Dict[str, str] = {}
+        for f in dataclasses.fields(TrainConfig):
+            k = f.name
+            if k in ("model", "data", "seed"):
+                vals[k], src[k] = self.cfg[k], "config"
+            elif k == "method":
+                vals[k], src[k] = run.get("method"), f"run {run['name']!r}"
+            elif k == "progress":
+                vals[k], src[k] = self.progress, "harness"
+            elif k in run:
+                vals[k], src[k] = run[k], f"run {run['name']!r}"
+            elif k in tr:
+                demo = base == "demo" and k in demo_tr and demo_tr[k] == tr[k]
+                vals[k], src[k] = tr[k], ("demo training block (base: demo)" if demo else "config training block")
+            else:
+                vals[k] = copy.deepcopy(f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                src[k] = "default: " + DEFAULT_SOURCES.get(k, "ns_plugin default")
+        if vals["init"] and vals["pretrained"]:
+            src["pretrained"] += " (unused: the init checkpoint replaces every weight)"
+        if vals["amp"] and not torch.cuda.is_available():
+            vals["amp"], src["amp"] = False, f"{src['amp']} asked for amp: true; no CUDA here, so it runs in fp32"
+        return vals, src
+
+    def resolved(self) -> Dict[str, Any]:
+        """What config.json records besides the config: every run's settings and their sources."""
+        out: Dict[str, Any] = {"base": self.cfg.get("base", "demo"), "runs": {}, "eval": {}}
+        source_keys = ("model", "pretrained", "init", "init_ema", "num_classes", "data", "seed")
+        for run in self.cfg["runs"]:
+            vals, src = self.run_settings(run)
+            keys = list(vals) if run.get("method") is not None else source_keys
+            out["runs"][run["name"]] = {k: {"value": vals[k], "from": src[k]} for k in keys}
+            if run.get("method") is None:
+                out["runs"][run["name"]]["evaluate_only"] = {"value": True, "from": "no method: evaluated as built"}
+        for k, v in self.cfg["eval"].items():
+            default = (PAPER_BASE if out["base"] == "paper" else demo_config())["eval"].get(k)
+            where = ("paper base" if out["base"] == "paper" else "demo (base: demo)")
+            out["eval"][k] = {"value": v, "from": (f"{where}: {PAPER_EVAL_SOURCES.get(k, 'default')}"
+                                                   if v == default and out["base"] == "paper" else
+                                                   where if v == default else "config eval block")}
+        return out
+
     # -- fine-tuning ----------------------------------------------------------------------------------------
     def finetune(self, run: Dict[str, Any]) -> Path:
         """Fine-tune one row (every rank takes part under ``torchrun``); rank 0 writes its checkpoint. Returns
@@ -365,25 +463,22 @@ class Comparison:
         if self.ranks.main_value(ck.is_file):
             return ck
         t0 = time.time()
+        vals, _ = self.run_settings(run)
         if run.get("method") is None:
             def baseline():
-                from ..training.loop import build_model
-                tr = self.cfg["training"]   # the model the other rows start from: same weights source and head
-                cfgt = load_config(None, method="standard", model=self.cfg["model"], data=self.cfg["data"],
-                                   seed=self.cfg["seed"], progress=self.progress,
-                                   **{k: tr[k] for k in ("pretrained", "num_classes", "checkpoint") if k in tr})
+                # evaluated as built: the pretrained model / the init checkpoint the other rows start from
                 import torch
+                from ..training.loop import build_model
+                cfgt = load_config(None, **dict(vals, method="standard"))
                 torch.manual_seed(self.cfg["seed"])   # a randomly initialised baseline is a function of the seed
                 model = build_model(cfgt, progress=self.progress)
-                save_checkpoint(ck, model, meta={"arch": _arch(self.cfg), "run": run["name"], "method": None})
+                source = {k: vals[k] for k in ("pretrained", "init", "init_ema")}
+                save_checkpoint(ck, model, meta={"arch": _arch(self.cfg), "run": run["name"], "method": None,
+                                                 "source": source})
                 self._timing(run["name"], finetune_seconds=0.0)
             self.ranks.main_value(baseline)
             return ck
-        overrides = dict(self.cfg["training"])
-        overrides.update({k: v for k, v in run.items() if k != "name"})
-        overrides.update(model=self.cfg["model"], data=self.cfg["data"], seed=self.cfg["seed"],
-                         progress=self.progress)
-        cfgt = load_config(None, **overrides)
+        cfgt = load_config(None, **vals)
         work = self.out / "runs" / _slug(run["name"])
         resume = self.ranks.main_value((work / "last.pth").is_file)
         summary = train(cfgt, work, resume=resume)
@@ -439,7 +534,13 @@ class Comparison:
             from ..data import load_digits
             test = load_digits(seed=0).test.tensors
             res["per_image"]["Clean"] = bits(correct_mask(model, test[0], test[1]))
+        skip = set(ev.get("skip") or [])
+        for col in sorted(skip):
+            res["notes"][col] = "skipped: listed in eval.skip"
         for col, atk in self._attacks(model).items():
+            if col in skip:
+                res[col] = None
+                continue
             if isinstance(atk, str):
                 res[col], res["notes"][col] = None, atk
                 continue
@@ -452,21 +553,29 @@ class Comparison:
             res[col], res[f"{col}_images_per_s"] = 100.0 * float(ok.float().mean()), round(ips, 1)
             res["per_image"][col] = bits(ok)
         dn = ev.get("damagenet") or (root / "damagenet" if (root / "damagenet").is_dir() else None)
-        if dn and Path(dn).is_dir():
+        if "DamageNet" in skip:
+            res["DamageNet"] = None
+        elif dn and Path(dn).is_dir():
             res["DamageNet"] = self.folder(model, Path(dn), tf)
             if self.cfg["data"] == "digits":
                 from .suite import folder_tensors
                 res["per_image"]["DamageNet"] = bits(correct_mask(model, *folder_tensors(dn)))
         else:
             res["DamageNet"], res["notes"]["DamageNet"] = None, "skipped: no DamageNet folder configured"
-        res["corruptions"] = {}
-        for c_name in self._corruptions():
+        res["corruptions"] = None if "C" in skip else {}
+        for c_name in ([] if "C" in skip else self._corruptions()):
             for s_ in ev["severities"]:
                 acc = self.folder(model, root / "imagenet-c" / c_name / str(s_), tf)
                 if acc is not None:
                     res["corruptions"].setdefault(c_name, {})[s_] = acc
         n_cls = int(next(v for k, v in model.state_dict().items() if k.endswith("head.weight")).shape[0])
         for folder, (evaluator, col) in SHIFT_FOLDERS.items():
+            if col in skip:
+                res[col] = None
+                continue
+            if not (root / folder).is_dir() and any((root / f).is_dir() for f, (_, c) in SHIFT_FOLDERS.items()
+                                                     if c == col and f != folder):
+                continue  # the column's other folder holds it (imagenet-r for 1000 classes, rendition otherwise)
             if n_cls != 1000 and evaluator in ("evaluate_imagenet_a", "evaluate_imagenet_r"):
                 evaluator = "evaluate_imagenet_val"  # their 200-class masks assume 1000 ImageNet logits
             acc = self.folder(model, root / folder, tf, evaluator)
@@ -524,10 +633,19 @@ class Comparison:
         return text
 
     def leaderboard(self, evals: Dict[str, Dict[str, Any]], rows: Dict[str, Dict[str, Any]]) -> None:
-        """robustbench ``model_info`` entries (:func:`.report.leaderboard_entries`) under ``leaderboard/``."""
+        """robustbench ``model_info`` entries (:func:`.report.leaderboard_entries`) under
+        ``leaderboard/<dataset>/<threat>/`` and ``leaderboard/index.html`` (robustbench's table format)."""
+        from .leaderboard import write_leaderboard_page
         from .report import leaderboard_entries
-        for rel, entry in leaderboard_entries(self.cfg, evals, rows).items():
+        source = ""
+        if self.cfg["eval"].get("autoattack"):
+            from ..integrations import robustbench as compat
+            source = compat.ensure_autoattack()
+        entries = leaderboard_entries(self.cfg, evals, rows, autoattack_source=source, baseline=self.baseline_name)
+        for rel, entry in entries.items():
             _write_json(self.out / "leaderboard" / rel, entry)
+        if entries:
+            write_leaderboard_page(self.out / "leaderboard", title=f"ns_plugin comparison {self.cfg['name']!r}")
 
     def plots(self) -> Optional[Path]:
         """All runs' per-round curves in one figure (:func:`.report.training_curves_figure`)."""
@@ -558,6 +676,27 @@ class Comparison:
         return names
 
     # -- orchestration --------------------------------------------------------------------------------------
+    def preflight(self, *, network: bool = True):
+        """Check every resource before anything is written or trained (:mod:`.preflight`): print the table,
+        stop in one line when something required is missing, then download the ``init:`` URLs the runs
+        need (once, into the torch hub cache) and check their class counts too."""
+        from ..weights import fetch, init_status
+        from .preflight import preflight, run_sources
+        pf = preflight(self.cfg, self.out, network=network)
+        self.log(pf.table())   # rank 0 only: run() calls this inside the rank protocol
+        pf.raise_if_missing()
+        urls = {s["init"] for s in run_sources(self.cfg) if s["init"]}
+        todo = [u for u in sorted(urls) if init_status(u, network=False).state == "reachable"]
+        for u in todo:
+            fetch(u, progress=self.progress)
+        if todo:  # now on disk: their class counts can be checked before any training
+            pf = preflight(self.cfg, self.out, network=False)
+            pf.raise_if_missing()
+        for row in pf.rows:
+            if row.state == "warning":
+                logging.getLogger(__name__).warning("%s: %s", row.item, row.detail)
+        return pf
+
     def run(self) -> Dict[str, Any]:
         """Own the results folder and run or resume every row, then write the outputs.
 
@@ -576,6 +715,9 @@ class Comparison:
         try:
             with contextlib.ExitStack() as owned:
                 def own() -> str:
+                    state = self.out / "run.json"
+                    if not state.is_file() or json.loads(state.read_text()).get("status") != "complete":
+                        self.preflight()  # everything it needs, checked before anything is written
                     owned.enter_context(claim_output(self.out, what=f"ns-plugin comparison {self.cfg['name']!r}"))
                     return self.claim()
                 status = self.ranks.main_value(own)

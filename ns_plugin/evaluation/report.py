@@ -1,6 +1,6 @@
 """Reports of a comparison as pure functions of its results (no training, no files): the paper's tables
 ("Approximate Nullspace Augmented Finetuning for Robust Vision Transformers", Tables 2-4) as Markdown and CSV
-rows, robustbench-style leaderboard entries, the training-curve figure (Fig. 4 style), and one training run's log
+rows, robustbench leaderboard entries (:mod:`.leaderboard`), the training-curve figure (Fig. 4 style), and one training run's log
 files and plot (:func:`write_log`, :func:`plot_log`).
 
 ``evals`` maps a run name to its evaluation dict (``Clean``, ``FGSM``, ``PGD``, ..., ``corruptions``
@@ -143,28 +143,51 @@ def cost_markdown(evals: Dict[str, Dict[str, Any]], timings: Optional[Dict[str, 
     return md.getvalue()
 
 
-def leaderboard_entries(cfg: Dict[str, Any], evals: Dict[str, Dict[str, Any]],
-                        rows: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    """robustbench ``model_info`` entries (Linf and corruptions boards) for each run, keyed by their relative
-    path (``"Linf/<run>.json"``)."""
+def leaderboard_dataset(cfg: Dict[str, Any]) -> str:
+    """The dataset key of a comparison's leaderboard entries: ``eval.leaderboard_dataset`` when the config names
+    it (e.g. ``imagenet`` for a real ImageNet folder), else ``digits`` for the embedded default or the data
+    folder's name: never a robustbench board by guess."""
+    named = cfg["eval"].get("leaderboard_dataset")
+    if named:
+        return str(named)
+    return "digits" if cfg["data"] == "digits" else (Path(str(cfg["data"])).name or "data")
+
+
+def leaderboard_entries(cfg: Dict[str, Any], evals: Dict[str, Dict[str, Any]], rows: Dict[str, Dict[str, Any]], *,
+                        autoattack_source: str = "", baseline: Optional[str] = None,
+                        extra: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Dict[str, Any]]:
+    """robustbench ``model_info`` entries for each run (:mod:`.leaderboard`), keyed by their path relative to the
+    leaderboard folder (``"<dataset>/<threat>/<Name>.json"``). A Linf entry only for runs AutoAttack evaluated;
+    a corruptions entry for runs with corruption results. ``extra`` maps a run name to additional fields."""
+    from . import leaderboard as lb
     ev = cfg["eval"]
+    dataset = leaderboard_dataset(cfg)
+    baseline = baseline or cfg["runs"][0]["name"]
     out: Dict[str, Dict[str, Any]] = {}
     for name, e in evals.items():
         r = rows[name]
-        common = {"link": "", "name": name, "authors": "ns_plugin demo", "additional_data": False,
-                  "number_forward_passes": 1,
-                  "dataset": f"{cfg['data']} (embedded)" if cfg["data"] == "digits" else "imagenet",
-                  "venue": "ns_plugin", "architecture": arch_name(cfg), "reported": False,
-                  "clean_acc": pct(r["Clean"])}
-        robust = e.get("AutoAttack")
-        out[f"Linf/{slug(name)}.json"] = dict(
-            common, eps=f"{ev['pgd']['eps'] * 255:.0f}/255",
-            autoattack_acc=pct(robust) if robust is not None else "", external=pct(e.get("PGD")),
-            footnote="autoattack_acc empty unless eval.autoattack is set; external = PGD-10")
+        common = {"link": "", "name": name, "authors": f"ns_plugin comparison {cfg['name']!r}", "additional_data": False,
+                  "number_forward_passes": 1, "dataset": dataset, "venue": "ns_plugin", "architecture": arch_name(cfg)}
+        fields = (extra or {}).get(name)
+        aa = e.get("AutoAttack")
+        if aa is not None and ev.get("autoattack"):
+            eps = float(ev["autoattack"]["eps"])
+            others = {}
+            if e.get("PGD") is not None and ev["pgd"]["eps"] <= eps + 1e-12:
+                others[f"PGD-{ev['pgd']['steps']} ({lb.eps_string(ev['pgd']['eps'])})"] = e["PGD"]
+            if e.get("FGSM") is not None and ev["fgsm_eps"] <= eps + 1e-12:
+                others[f"FGSM ({lb.eps_string(ev['fgsm_eps'])})"] = e["FGSM"]
+            out[f"{dataset}/Linf/{lb.entry_file_name(name)}"] = lb.linf_entry(
+                common, eps=eps, clean_acc=e.get("clean_attack_subset"), autoattack_acc=aa, other_attacks=others,
+                n_images=int(e.get("n_attack") or ev["n_attack"] or 0), autoattack_source=autoattack_source or "AutoAttack",
+                autoattack_version=ev["autoattack"].get("version", "standard"), extra=fields)
         corr = e.get("corruptions") or {}
-        mean_c = sum(sum(s.values()) / len(s) for s in corr.values()) / len(corr) if corr else None
-        out[f"corruptions/{slug(name)}.json"] = dict(common, eps=None, corruptions_acc=pct(mean_c),
-                                                     corruptions_mce=pct(r["C"]))
+        if corr:
+            mean_c = sum(sum(s.values()) / len(s) for s in corr.values()) / len(corr)
+            sev = sorted({int(k) for s in corr.values() for k in s})
+            out[f"{dataset}/corruptions/{lb.entry_file_name(name)}"] = lb.corruptions_entry(
+                common, clean_acc=r["Clean"], corruptions_acc=mean_c, mce_vs_baseline=r.get("C"), baseline=baseline,
+                n_corruptions=len(corr), severities=sev, extra=fields)
     return out
 
 

@@ -233,6 +233,9 @@ def seeded_leaderboard(out: Path, seeds) -> List[Path]:
         p = out / "leaderboard" / rel
         _write(p, json.dumps(merged, indent=2) + "\n")
         written.append(p)
+    if written:
+        from .leaderboard import write_leaderboard_page
+        written.append(write_leaderboard_page(out / "leaderboard", title=f"ns_plugin comparison over seeds {list(seeds)}"))
     return written
 
 

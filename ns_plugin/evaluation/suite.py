@@ -37,6 +37,7 @@ from .corruptions import IMAGENET_C
 SHIFT_FOLDERS = {
     "imagenetv2": ("evaluate_imagenet_v2", "V2"),
     "imagenet-r": ("evaluate_imagenet_r", "R"),
+    "rendition": ("evaluate_imagenet_val", "R"),   # renditions of non-1000-class data (corruptions.rendition_folder)
     "imagenet-sketch": ("evaluate_imagenet_sketch", "Sketch"),
     "imagenet-style": ("evaluate_stylized_imagenet", "Stylized"),
     "imagenet-a": ("evaluate_imagenet_a", "A"),

@@ -2,24 +2,21 @@
 "Why the install is unusual"), the timm names its ``load_model`` looks up, and an offline ImageNet-layout
 folder its ``benchmark()`` reads.
 
-Each shim is small, names the upstream problem, and does nothing when the problem is absent.
-Nothing here runs at ``import ns_plugin``: call :func:`ensure_ecosystem`.
+The fixes are made at install time (``tools/bootstrap.sh``: robustbench re-laid over torchattacks' copy, the
+``autoattack`` distribution in ``tools/autoattack_easyrobust``); the checks here only name a missing one.
+Nothing here runs at ``import ns_plugin``.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
-import types
-from typing import Dict
+from dataclasses import dataclass
+from typing import Dict, List
 
 from ..errors import NSPluginError
 
 #: robustbench threat models a checkpoint is registered for by default (``load_model`` names)
 ROBUSTBENCH_THREATS = ("Linf", "L2", "corruptions")
-
-_applied: Dict[str, bool] = {}
-
 
 def _has(module: str) -> bool:
     try:
@@ -41,52 +38,17 @@ def ensure_pkg_resources() -> None:
                             "run: pip install 'setuptools<81'")
 
 
-def ensure_autoattack() -> bool:
+def ensure_autoattack() -> str:
     """robustbench 1.1.1 does ``from autoattack import AutoAttack`` and ``from autoattack.state import
-    EvaluationState``, but its dependency ``pyautoattack`` installs a module named ``pyautoattack`` whose
-    API is keyword-only (``batch_size=``, ``attacks=``) and returns ``(x_adv, y_adv)``.
-
-    When no ``autoattack`` module exists, register one in ``sys.modules`` that adapts pyautoattack to the
-    original positional API (``AutoAttack(model, norm, eps, version, ...)``, ``run_standard_evaluation(x, y,
-    bs=...)`` returning ``x_adv``). Returns True when the adapter was (or already is) installed.
-    """
-    if _applied.get("autoattack"):
-        return True
-    if _has("autoattack"):
-        return False  # the real package (fra31/auto-attack) is installed: nothing to do
-    if not _has("pyautoattack"):
-        raise NSPluginError("robustbench needs AutoAttack but neither 'autoattack' nor 'pyautoattack' is "
-                            "installed; run: pip install pyautoattack")
-    import pyautoattack
-    import pyautoattack.state as aa_state
-    from pathlib import Path
-
-    class AutoAttack(pyautoattack.AutoAttack):
-        """fra31/auto-attack's signature on top of pyautoattack (installed by ns_plugin.integrations.robustbench)."""
-
-        def __init__(self, model, norm="Linf", eps=0.3, seed=None, verbose=True, attacks_to_run=(),
-                     version="standard", is_tf_model=False, device="cuda", log_path=None):
-            if is_tf_model:
-                raise NSPluginError("the pyautoattack adapter supports PyTorch models only")
-            super().__init__(model, attacks=list(attacks_to_run) or None, device=device, eps=eps,
-                             norm=norm, seed=seed, version=version)
-            self.verbose = verbose
-
-        def run_standard_evaluation(self, x_orig, y_orig, bs=250, return_labels=False, state_path=None):
-            if state_path is not None:
-                state_path = Path(state_path)
-            x_adv, y_adv = super().run_standard_evaluation(x_orig, y_orig, batch_size=bs,
-                                                           state_path=state_path)
-            return (x_adv, y_adv) if return_labels else x_adv
-
-    mod = types.ModuleType("autoattack", AutoAttack.__doc__)
-    mod.AutoAttack = AutoAttack
-    mod.state = aa_state
-    mod.__ns_plugin_shim__ = True
-    sys.modules["autoattack"] = mod
-    sys.modules["autoattack.state"] = aa_state
-    _applied["autoattack"] = True
-    return True
+    EvaluationState``. fra31/auto-attack is not on PyPI, and robustbench's dependency ``pyautoattack`` installs a
+    module named ``pyautoattack``. The install step (``make venv``, or the README's commands) installs
+    ``tools/autoattack_easyrobust``, whose ``autoattack`` runs easyrobust's vendored fra31 AutoAttack and adds
+    the ``state`` module. This checks it is there (nothing is patched in-process) and returns which code runs."""
+    if not _has("autoattack") or not _has("autoattack.state"):
+        raise NSPluginError("robustbench needs the 'autoattack' module (with autoattack.state); from the ns_plugin "
+                            "checkout run: pip install --no-deps --no-build-isolation ./tools/autoattack_easyrobust")
+    import autoattack
+    return getattr(autoattack, "SOURCE", f"autoattack from {getattr(autoattack, '__file__', '?')}")
 
 
 def check_robustbench() -> None:
@@ -111,9 +73,10 @@ def import_robustbench():
     return importlib.import_module("robustbench")
 
 
-def ensure_ecosystem() -> Dict[str, bool]:
-    """Apply every shim whose problem is present. Returns which ones were active."""
-    active = {"autoattack": False}
+def ensure_ecosystem() -> Dict[str, str]:
+    """Check the install-level fixes robustbench needs (see :func:`ensure_autoattack`); changes nothing.
+    Returns ``{"autoattack": <which AutoAttack code runs>}`` when robustbench is installed."""
+    active: Dict[str, str] = {}
     if _has("robustbench"):
         check_robustbench()
         ensure_pkg_resources()
@@ -121,65 +84,72 @@ def ensure_ecosystem() -> Dict[str, bool]:
     return active
 
 
-class _ImagenetLabelMap:
-    """Lifts a k-class model to robustbench's 1000 ImageNet classes (see :func:`robustbench_imagenet_folder`)."""
-
-    def __init__(self, class_index, used):
-        self.class_index = list(class_index)  # our class k -> robustbench ImageNet index
-        self.used = list(used)  # indices into the x given, in robustbench's loading order
-
-    def wrap(self, model):
-        import torch
-        from torch import nn
-
-        index = torch.tensor(self.class_index)
-
-        class Lift(nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, x):
-                logits = self.inner(x)
-                out = logits.new_full((logits.shape[0], 1000), -1e4)
-                return out.index_copy(1, index.to(logits.device), logits[:, :len(index)])
-
-        return Lift(model)
+def _imagenet_listing():
+    """robustbench's ImageNet test listing (``<wnid>/<file>`` lines, in its loading order) and the sorted wnids
+    (label ``i`` = ``wnids[i]``)."""
+    from pathlib import Path
+    check_robustbench()
+    spec = importlib.util.find_spec("robustbench")
+    listing = (Path(spec.origin).parent / "helper_files" / "imagenet_test_image_ids.txt").read_text().split()
+    return listing, sorted({line.split("/")[0] for line in listing})
 
 
-def robustbench_imagenet_folder(data_dir, x, y, num_classes: int):
-    """Lay out images so that ``robustbench.benchmark(dataset="imagenet", data_dir=data_dir)`` evaluates
-    them offline. Returns ``(n_examples, label_map)``; pass ``label_map.wrap(model)`` as the model.
+def imagenet_class_index(num_classes: int) -> List[int]:
+    """Where a ``num_classes``-class model's logits sit among robustbench's 1000 ImageNet labels: class ``k``
+    at the label of the k-th distinct wnid in robustbench's test listing (the identity for 1000 classes).
+    :func:`robustbench_imagenet_folder` files class-``k`` images under that wnid, and the robustbench form of a
+    registered checkpoint (:func:`ns_plugin.integrations.timm.register_checkpoint`) places its logits there,
+    so robustbench's ``benchmark()`` scores it right with no wrapper."""
+    k = int(num_classes)
+    if k >= 1000:
+        return list(range(k))
+    listing, wnids = _imagenet_listing()
+    order: List[str] = []
+    for line in listing:
+        w = line.split("/")[0]
+        if w not in order:
+            order.append(w)
+            if len(order) == k:
+                break
+    return [wnids.index(w) for w in order]
+
+
+@dataclass
+class RobustbenchFolder:
+    """What :func:`robustbench_imagenet_folder` wrote: ``n_examples`` to pass to ``benchmark()``, ``used`` (indices
+    into the images given, in robustbench's loading order) and ``class_index`` (:func:`imagenet_class_index`)."""
+    n_examples: int
+    used: List[int]
+    class_index: List[int]
+
+
+def robustbench_imagenet_folder(data_dir, x, y, num_classes: int) -> RobustbenchFolder:
+    """Lay out images so that ``robustbench.benchmark(model, dataset="imagenet", data_dir=data_dir,
+    n_examples=n_examples)`` evaluates them offline, with ``model = robustbench.utils.load_model(NAME,
+    dataset="imagenet")`` for a registered checkpoint (no wrapper).
 
     robustbench 1.1.1 does not read an arbitrary folder: its ImageNet loader takes the file names listed in
     its ``helper_files/imagenet_test_image_ids.txt`` (``<wnid>/<file>``), in that order, under
-    ``data_dir/val``, with labels from the sorted list of the 1,000 wnid folders. We create the 1,000
-    folders, give our class ``k`` the wnid of the k-th distinct class in that list, and save one of our
-    images of class ``k`` under each listed name, as far as our classes and images allow. The wrapper
-    places the model's k logits at those ImageNet indices (other logits at -1e4).
+    ``data_dir/val``, with labels from the sorted list of the 1,000 wnid folders, and evaluates the first
+    ``n_examples``. We create the 1,000 folders and save an image of class ``k`` under each listed name of the
+    wnid of class ``k`` (:func:`imagenet_class_index`) until a name of a wnid we have no class (or no image)
+    for comes up: about ``num_classes`` images for a small class count (10 for the digits), up to 5,000.
     """
     from pathlib import Path
     from torchvision.utils import save_image
 
-    check_robustbench()
-    spec = importlib.util.find_spec("robustbench")
-    listing = (Path(spec.origin).parent / "helper_files" / "imagenet_test_image_ids.txt").read_text().split()
-    wnids = sorted({line.split("/")[0] for line in listing})
+    listing, wnids = _imagenet_listing()
+    index = imagenet_class_index(num_classes)
+    class_of_wnid = {wnids[i]: k for k, i in enumerate(index)}
     val = Path(data_dir) / "val"
     for w in wnids:
         (val / w).mkdir(parents=True, exist_ok=True)
     pools = {k: [i for i in range(len(y)) if int(y[i]) == k] for k in range(num_classes)}
-    wnid_of_class, used = {}, []
+    used: List[int] = []
     for line in listing:
-        w = line.split("/")[0]
-        if w not in wnid_of_class.values():
-            if len(wnid_of_class) == num_classes:
-                break
-            wnid_of_class[len(wnid_of_class)] = w
-        k = [c for c, ww in wnid_of_class.items() if ww == w][0]
-        if not pools[k]:
+        k = class_of_wnid.get(line.split("/")[0])
+        if k is None or not pools[k]:
             break
         used.append(pools[k].pop(0))
         save_image(x[used[-1]], str(val / line))
-    index = [wnids.index(wnid_of_class.get(k, wnids[0])) for k in range(num_classes)]
-    return len(used), _ImagenetLabelMap(index, used)
+    return RobustbenchFolder(len(used), used, index)

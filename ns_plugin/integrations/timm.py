@@ -8,7 +8,7 @@ that defines it and reads that module's ``default_cfgs``). Importing this module
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from ..errors import NSPluginError
 from ..models import DIGITS_MODEL, bare_state_dict, build_net
@@ -67,13 +67,17 @@ def _load_weights_into(model, sd, num_classes_ckpt: int, source: str):
     return load_into(model, sd, source=source)
 
 
-def _make_entrypoint(name: str, build, cfg: Dict[str, object], *, use_ema: bool, robustbench: bool):
+def _make_entrypoint(name: str, build, cfg: Dict[str, object], *, use_ema: bool, robustbench: bool,
+                     dataset: Optional[str] = None):
     """A timm entrypoint ``name(pretrained=False, **kwargs)``.
 
     ``pretrained=True`` loads the weights named by the pretrained config's ``file`` (overridable with
     ``pretrained_cfg_overlay=dict(file=...)``) with ``torch.load(weights_only=True)``. ``robustbench`` entrypoints
     return ``Sequential(Normalize(mean, std), model)`` (images in [0, 1]; state-dict keys ``0.*``/``1.*`` as in
-    our checkpoints, so ``custom_checkpoint=`` loads into it), padded to ``num_classes`` logits if more are asked.
+    our checkpoints, so ``custom_checkpoint=`` loads into it), padded to ``num_classes`` logits if more are asked:
+    for robustbench's ImageNet a k-class model's logits go to the labels of
+    :func:`~ns_plugin.integrations.robustbench.imagenet_class_index` (where our folder writer files class k),
+    otherwise to labels 0..k-1.
     """
     def entry(pretrained: bool = False, **kwargs):
         import dataclasses
@@ -109,7 +113,11 @@ def _make_entrypoint(name: str, build, cfg: Dict[str, object], *, use_ema: bool,
         from ..models import Normalize
         out = nn.Sequential(Normalize(resolved.mean, resolved.std), model)
         if want > k_ckpt:
-            out.append(timm_models.PadClasses(want))
+            index = None
+            if dataset == "imagenet" and want == 1000:
+                from .robustbench import imagenet_class_index
+                index = imagenet_class_index(k_ckpt)
+            out.append(timm_models.PadClasses(want, index=index))
         out.pretrained_cfg = out.default_cfg = cfg_dict
         return out.eval() if pretrained else out
 
@@ -163,6 +171,22 @@ def register_timm_digits() -> str:
     return DIGITS_MODEL
 
 
+def checkpoint_arch(meta: Dict[str, object], path: str = "checkpoint"):
+    """The architecture of a checkpoint we wrote, from its ``meta``: the harness stores the timm name (or
+    ``"ns_vit_digits"``) in ``meta["arch"]``; ``ns-plugin train`` stores a hash of the architecture there and
+    the model name in ``meta["model"]`` (``"default"`` = the embedded tiny ViT)."""
+    import timm
+    for key in ("arch", "model"):
+        v = meta.get(key)
+        if v == "default":
+            v = DIGITS_MODEL
+        if isinstance(v, dict) or v == DIGITS_MODEL or (isinstance(v, str) and timm.is_model(v)):
+            return v
+    raise NSPluginError(f"{path} does not name a known architecture (meta arch={meta.get('arch')!r}, "
+                        f"model={meta.get('model')!r}); pass arch= a timm model name or a dict of "
+                        f"VisionTransformer arguments")
+
+
 def register_checkpoint(name: str, path, *, arch=None, use_ema: bool = False, robustbench=("imagenet",),
                         threat_models=ROBUSTBENCH_THREATS) -> List[str]:
     """Register an ns_plugin checkpoint as timm model(s); returns the timm names registered.
@@ -194,10 +218,7 @@ def register_checkpoint(name: str, path, *, arch=None, use_ema: bool = False, ro
     if isinstance(threat_models, str):
         threat_models = (threat_models,)
     ckpt, sd = _read_weights(path, use_ema)
-    arch = arch if arch is not None else ckpt.get("meta", {}).get("arch")
-    if arch is None:
-        raise NSPluginError(f"checkpoint {path} does not name its architecture (meta['arch']); pass arch= a timm "
-                            f"model name or a dict of VisionTransformer arguments")
+    arch = arch if arch is not None else checkpoint_arch(ckpt.get("meta") or {}, path)
     build = _arch_builder(arch)
     bare = bare_state_dict(sd)
     if "head.weight" not in bare:
@@ -216,7 +237,7 @@ def register_checkpoint(name: str, path, *, arch=None, use_ema: bool = False, ro
     arch_key = arch if isinstance(arch, str) else repr(sorted(arch.items()))
     cfg = _timm_cfg(num_classes=k, input_size=size, mean=mean, std=std, file=path, arch=arch_key,
                     description=f"ns_plugin checkpoint {Path(path).name}")
-    plan = [(name, False)] + [(robustbench_name(name, d, t), True) for d in robustbench for t in threat_models]
+    plan = [(name, None)] + [(robustbench_name(name, d, t), d) for d in robustbench for t in threat_models]
     import timm as _timm
     with _LOCK:
         for n, _ in plan:  # check every name before registering any
@@ -225,10 +246,35 @@ def register_checkpoint(name: str, path, *, arch=None, use_ema: bool = False, ro
                 raise NSPluginError(f"timm model {n!r} is already registered by ns_plugin for {sig[0]}; choose another name")
             if sig is None and _timm.is_model(n):
                 raise NSPluginError(f"timm already has a model named {n!r}; register the checkpoint under another name")
-        for n, rb in plan:
-            entry = _make_entrypoint(n, build, cfg, use_ema=use_ema, robustbench=rb)
-            _register_timm(n, entry, dict(cfg), (path, arch_key, use_ema, "robustbench" if rb else "bare"))
+        for n, d in plan:
+            entry = _make_entrypoint(n, build, cfg, use_ema=use_ema, robustbench=d is not None, dataset=d)
+            _register_timm(n, entry, dict(cfg), (path, arch_key, use_ema, "robustbench" if d else "bare"))
+        # robustbench's load_model(name, dataset=other) would end in a bare KeyError in its model zoo: answer
+        # it with one line instead (names nobody else has taken only)
+        from ..evaluation.leaderboard import ROBUSTBENCH_DATASETS
+        for d in ROBUSTBENCH_DATASETS:
+            if d in robustbench:
+                continue
+            for t in threat_models:
+                n = robustbench_name(name, d, t)
+                if n in _TIMM_REGISTERED or _timm.is_model(n):
+                    continue
+                _register_timm(n, _wrong_dataset_entry(n, name, d, tuple(robustbench)), dict(cfg),
+                               (path, arch_key, use_ema, "not-served"))
     return [n for n, _ in plan]
+
+
+def _wrong_dataset_entry(timm_name: str, name: str, dataset: str, served):
+    """A timm entrypoint that explains, in one line, that checkpoint ``name`` is not served for ``dataset``."""
+    def entry(pretrained: bool = False, **kwargs):
+        raise NSPluginError(
+            f"ns_plugin checkpoint {name!r} is registered for robustbench dataset(s) {', '.join(served) or 'none'}, "
+            f"not {dataset}; if it was trained for {dataset}, register it with register_checkpoint(..., "
+            f"robustbench=({dataset!r},)) or `ns-plugin run --checkpoint {name}=PATH --robustbench {dataset}`")
+    entry.__name__ = entry.__qualname__ = timm_name
+    entry.__module__ = timm_models.__name__
+    entry.__doc__ = f"ns_plugin: {name} is not registered for robustbench dataset {dataset} (raises a clear error)."
+    return entry
 
 
 def registered_timm_models() -> List[str]:

@@ -74,7 +74,9 @@ class TrainConfig:
     # --- model and data
     model: str = "default"             #: "default" (embedded tiny ViT), or a timm model name
     pretrained: bool = False           #: timm pretrained weights (needs network the first time)
-    checkpoint: Optional[str] = None   #: safe checkpoint to start from
+    init: Optional[str] = None         #: checkpoint to start from: a file or URL (downloaded once to the torch
+                                       #: hub cache); EasyRobust Sequential or plain timm state dicts
+    init_ema: bool = False             #: start from the checkpoint's EMA weights (state_dict_ema)
     num_classes: Optional[int] = None
     data: str = "digits"               #: "digits" (embedded) or an ImageFolder root with class subfolders
     image_size: Optional[int] = None   #: resize folder images (default: the model's input size)
@@ -120,6 +122,26 @@ class TrainConfig:
         return cls(**d)
 
 
+#: Where each :class:`TrainConfig` default comes from (printed next to every setting a comparison records in
+#: ``config.json``, so a paper-scale run shows which values it did not set itself).
+_APPC = "NS-ViT paper App. C (Approximate Nullspace Augmented Finetuning for Robust Vision Transformers)"
+DEFAULT_SOURCES: Dict[str, str] = {
+    **{k: _APPC for k in ("rounds", "steps_per_round", "batch_size", "lr", "sched", "eps", "lim", "noise_lr",
+                          "noise_max_steps", "search_batch_size")},
+    "weight_decay": "NS-ViT reference code (AdamW weight decay 0.05)",
+    "model_ema_decay": "NS-ViT reference code (EMA 0.9998)",
+    "model_ema": "ns_plugin default (off; the paper uses EMA only for DAT + NS)",
+    "warm_start": "ns_plugin default (null: on for search fast, off for faithful; Alg. 1 line 3 starts fresh)",
+    "search": "ns_plugin default (fast: same noise as the reference loop for the same init)",
+    **{k: "NS-ViT reference code (PGD 8/255, step 2/255, 10 steps)" for k in ("pgd_eps", "pgd_alpha", "pgd_steps")},
+    "madry_clean_weight": "classic Madry (CE on adversarial examples only; the reference code used 1)",
+    "trades_beta": "TRADES paper (beta 6; the NS-ViT reference code used 1)",
+    **{k: "EasyRobust DAT example (examples/imageclassification/imagenet/dat)"
+       for k in ("dat_eps", "dat_steps", "dat_lr", "dat_random_start_prob")},
+    "vqgan": "ns_plugin default (small random VQGAN, a stand-in for tests)",
+}
+
+
 def _train_spec():
     from ..validation import Bool, Choice, Float, Int, PathCheck, Str
     pos = Int(1)
@@ -142,7 +164,7 @@ def _train_spec():
         "vqgan": Choice(*VQGAN_CONFIGS), "vqgan_seed": Int(0),
         "dat_eps": Float(0, 1e3, lo_open=True), "dat_steps": pos, "dat_lr": Float(0, 1e3, lo_open=True),
         "dat_random_start_prob": Float(0, 1),
-        "model": Str(), "pretrained": Bool(), "checkpoint": PathCheck("file", optional=True),
+        "model": Str(), "pretrained": Bool(), "init": Str(optional=True), "init_ema": Bool(),
         "num_classes": Int(1, 100_000, optional=True),
         "data": PathCheck("dir", special=("digits",)), "image_size": Int(1, 8192, optional=True),
         "train_limit": Int(1, optional=True), "augment": Bool(), "workers": Int(0, optional=True),
@@ -154,13 +176,9 @@ def check_model_name(name: str, where: str = "model") -> str:
     """``"default"`` or a model name timm knows (``name.tag`` pretrained tags allowed), else one line."""
     if name == "default":
         return name
-    import timm
-    base = name.split(".", 1)[0]
-    known = timm.list_models()
-    if base not in known:
-        import difflib
-        close = difflib.get_close_matches(base, known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+    from ..weights import timm_name_hint
+    hint = timm_name_hint(name)
+    if hint is not None:
         raise NSPluginError(f"{where} {name!r} is neither 'default' nor a timm model name{hint}")
     return name
 
@@ -208,17 +226,21 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, **kw)
 
 
-def read_yaml(path: str) -> Dict[str, Any]:
-    """The mapping in a YAML config file, with dashes in keys normalised to underscores."""
+def read_yaml(path: str, *, ignore_unsupported: bool = False, extras: Optional[Dict[str, Any]] = None
+              ) -> Dict[str, Any]:
+    """The :class:`TrainConfig` keys of a YAML config file (dashes in keys normalised to underscores).
+    EasyRobust training YAMLs are translated (:mod:`ns_plugin.training.easyrobust_yaml`); script-level values
+    (``output``) go into ``extras`` when a dict is given."""
     from ..io import read_yaml_mapping
+    from .easyrobust_yaml import translate
 
     d = read_yaml_mapping(path)
     d = {str(k).replace("-", "_"): v for k, v in d.items()}
     known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise NSPluginError(f"config file {path} has unknown key(s) {unknown}; known keys: {', '.join(sorted(known))}")
-    return d
+    ours, more = translate(d, known, ignore_unsupported=ignore_unsupported, source=f"config file {path}")
+    if extras is not None:
+        extras.update(more)
+    return ours
 
 
 def build_parser(prog: str = "train") -> argparse.ArgumentParser:

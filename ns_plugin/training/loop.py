@@ -27,6 +27,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from dataclasses import replace as dataclasses_replace
+
 from ..errors import NSPluginError
 from ..evaluation.report import plot_log, write_log
 from .config import TrainConfig
@@ -39,10 +41,11 @@ from .state import (CHECKPOINT_FORMAT, BatchStream, ModelEma, architecture_signa
 # ---------------------------------------------------------------------------------------------------
 def build_model(cfg: TrainConfig, progress: bool = False) -> nn.Module:
     """``Sequential(Normalize, net)`` named by ``cfg.model`` ("default" = the cached trained tiny ViT, or a
-    timm model name), optionally loaded from ``cfg.checkpoint``."""
+    timm model name, with timm's pretrained weights when ``cfg.pretrained``), started from ``cfg.init`` (a
+    file or URL; EasyRobust / timm / torch formats, its EMA weights with ``cfg.init_ema``) when given."""
     from ..models import create_model
 
-    return create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained,
+    return create_model(cfg.model, checkpoint=cfg.init, use_ema=cfg.init_ema, pretrained=cfg.pretrained,
                         num_classes=cfg.num_classes, progress=progress)
 
 
@@ -178,6 +181,11 @@ class Trainer:
         self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total) if cfg.sched == "cosine"
                       else torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0))
         self.use_amp = bool(cfg.amp and self.device.type == "cuda")
+        if cfg.amp and not self.use_amp:  # say so, and record what runs: the saved config says amp false
+            import logging
+            logging.getLogger(__name__).warning("amp: true needs CUDA; training on %s in fp32 (recorded as amp: "
+                                                "false)", self.device)
+            self.cfg = cfg = dataclasses_replace(cfg, amp=False)
         self.amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
         # bf16 has fp32's range: no loss scaling (and no scaler's host sync) needed
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
