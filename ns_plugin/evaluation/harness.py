@@ -692,10 +692,7 @@ class Comparison:
         if todo:  # now on disk: their class counts can be checked before any training
             pf = preflight(self.cfg, self.out, network=False)
             pf.raise_if_missing()
-        for row in pf.rows:
-            if row.state == "warning":
-                logging.getLogger(__name__).warning("%s: %s", row.item, row.detail)
-        return pf
+        return pf   # its warnings are rows of the table above (printed once, not repeated as log lines)
 
     def run(self) -> Dict[str, Any]:
         """Own the results folder and run or resume every row, then write the outputs.

@@ -53,7 +53,9 @@ class Preflight:
         lines = [f"{'need':<{w}}  {'state':<8}  detail", f"{'-' * w}  {'-' * 8}  ------"]
         lines += [f"{r.item:<{w}}  {r.state:<8}  {r.detail}" for r in self.rows]
         n = len(self.missing)
-        lines.append(f"preflight: {n} missing" if n else "preflight: everything needed is present or reachable")
+        warn = sum(r.state == "warning" for r in self.rows)
+        tail = f" ({warn} warning{'s' * (warn != 1)} above)" if warn else ""
+        lines.append(f"preflight: {n} missing" if n else f"preflight: everything needed is present or reachable{tail}")
         return "\n".join(lines)
 
     def raise_if_missing(self) -> None:
