@@ -80,7 +80,8 @@ def guarded(run: Callable[[], Optional[int]], prog: str = "ns-plugin", *, interr
     try:
         return int(run() or 0)
     except NSPluginError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        from .errors import one_line   # also unwraps an error raised in a DataLoader worker
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # the environment refused (permissions, a full disk, a file where a folder goes)
         where = f": {e.filename}" if getattr(e, "filename", None) else ""

@@ -31,7 +31,7 @@ def test_easyrobust_yaml_maps_known_keys(tmp_path):
     extras = {}
     d = read_yaml(str(p), extras=extras)
     assert d == {"model": "vit_tiny_patch16_224", "lr": 0.0005, "rounds": 3, "batch_size": 64, "weight_decay": 0.05,
-                 "method": "ns"}
+                 "workers": 8, "method": "ns"}
     assert extras == {"out": "/tmp/er_out"}
     TrainConfig.from_dict(d).validate()
 

@@ -164,7 +164,7 @@ def test_rows_trained_with_ema_are_evaluated_with_their_ema_weights(tmp_path):
     runs = [{"name": "ViT", "method": None},
             {"name": "FT EMA", "method": "standard", "model_ema": True, "model_ema_decay": 0.5, "lr": 0.01}]
     ev = dict(TINY["eval"], n_attack=4, corruptions=["contrast"], severities=[5])
-    cfg = load_comparison_config(None, **dict(TINY, runs=runs, eval=ev, tables={}))
+    cfg = load_comparison_config(None, **dict(TINY, name="tiny_ema", runs=runs, eval=ev, tables={}))
     out = tmp_path / "res"
     run_comparison(cfg, out, progress=False, log=lambda *a: None)
     vit, ft = (json.loads((out / "evals" / f"{n}.json").read_text()) for n in ("vit", "ft_ema"))
@@ -176,7 +176,7 @@ def test_rows_trained_with_ema_are_evaluated_with_their_ema_weights(tmp_path):
     assert acc_ema != acc_raw            # lr 0.01 and decay 0.5: the two weight sets differ measurably
     assert ft["Clean"] == pytest.approx(acc_ema)
     raw_out = tmp_path / "raw"
-    run_comparison(load_comparison_config(None, **dict(TINY, name="tiny_raw", runs=runs, eval=dict(ev, use_ema=False),
+    run_comparison(load_comparison_config(None, **dict(TINY, name="tiny_ema_raw", runs=runs, eval=dict(ev, use_ema=False),
                                                       tables={})),
                    raw_out, progress=False, log=lambda *a: None)
     raw = json.loads((raw_out / "evals" / "ft_ema.json").read_text())

@@ -90,12 +90,12 @@ def test_madry_clean_weight(model, digits, weight):
     t = Trainer(_cfg(method="madry", madry_clean_weight=weight), model=model, train_set=TensorDataset(x[:16], y[:16]))
     loss, parts = t.method.loss(t, x[:8], y[:8])
     if weight == 0:
-        assert "ce_clean" not in parts and float(loss) == pytest.approx(parts["ce_adv"], rel=1e-6)
+        assert "ce_clean" not in parts and float(loss) == pytest.approx(float(parts["ce_adv"]), rel=1e-6)
     else:
         with torch.no_grad():
             clean = float(F.cross_entropy(t.model(x[:8]), y[:8]))
-        assert parts["ce_clean"] == pytest.approx(clean, rel=1e-5)
-        assert float(loss) == pytest.approx(parts["ce_adv"] + weight * clean, rel=1e-5)
+        assert float(parts["ce_clean"]) == pytest.approx(clean, rel=1e-5)
+        assert float(loss) == pytest.approx(float(parts["ce_adv"]) + weight * clean, rel=1e-5)
 
 
 def test_train_one_epoch_with_timm_loss_scaler_and_mixup(model, digits):

@@ -672,7 +672,10 @@ class Comparison:
         for run in self.cfg["runs"]:
             ck = self.out / "checkpoints" / f"{_slug(run['name'])}.pth"
             if ck.is_file():
-                names += register_checkpoint(f"ns_{_slug(self.cfg['name'])}_{_slug(run['name'])}", ck)
+                try:
+                    names += register_checkpoint(f"ns_{_slug(self.cfg['name'])}_{_slug(run['name'])}", ck)
+                except NSPluginError as e:  # e.g. the same config run into another folder in this process:
+                    logger.warning("not registered as a timm model: %s", e)   # the results stand; say so
         return names
 
     # -- orchestration --------------------------------------------------------------------------------------

@@ -83,6 +83,12 @@ class _ScriptContext:
     def autocast(self):
         return self._autocast()
 
+    def attack_autocast(self):
+        """Adversarial examples made inside the script's step (Madry, TRADES, DAT) stay fp32: the script's
+        ``amp_autocast`` is fp16 (timm's NativeScaler), whose attack gradients would need a scaler."""
+        import contextlib
+        return contextlib.nullcontext()
+
     def zero_grad(self):
         self.opt.zero_grad(set_to_none=True)
 

@@ -9,7 +9,8 @@ options (``model``, ``lr``, ``epochs``, ``batch_size``, ``opt``, ``weight_decay`
   Algorithm 1) per epoch;
 * option values we implement are checked (``opt: adamw`` only, ``sched: cosine|constant``,
   ``warmup_epochs: 0``...);
-* keys that only steer the script's own machinery and change no result here (``workers``, ``pin_mem``,
+* ``workers`` (DataLoader decoding processes) means the same here and is kept;
+* keys that only steer the script's own machinery and change no result here (``pin_mem``,
   ``log_interval``...) are dropped (:data:`NO_EFFECT`);
 * every other EasyRobust key (mixup, label smoothing, RandAugment, layer decay, SGD...) has no counterpart
   in nullspace fine-tuning: refused with the mapping, or, with ``ignore_unsupported=True`` (``ns-plugin
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 RENAMED = {"epochs": "rounds", "initial_checkpoint": "checkpoint", "data_dir": "data", "img_size": "image_size",
            "ns_method": "method"}
 #: EasyRobust keys that change nothing in what ns_plugin trains (data loading, logging, bookkeeping)
-NO_EFFECT = {"workers", "pin_mem", "log_interval", "experiment", "checkpoint_hist", "recovery_interval",
+NO_EFFECT = {"pin_mem", "log_interval", "experiment", "checkpoint_hist", "recovery_interval",
              "eval_metric", "log_wandb", "local_rank", "save_images", "no_ddp_bb", "use_multi_epochs_loader",
              "worker_seeding", "dist_bn", "channels_last", "native_amp", "apex_amp", "torchscript",
              "model_ema_force_cpu", "tta", "dataset_download", "class_map", "train_split", "val_split",
