@@ -20,7 +20,7 @@ setup(
     packages=find_packages(include=["ns_plugin", "ns_plugin.*"]),
     # demo config, the embedded default model's weights (safetensors, SHA-256 checked on load), the
     # `ns-plugin run` sitecustomize and the leaderboard table template
-    package_data={"ns_plugin": ["configs/*.yaml", "weights/*.safetensors", "_site/sitecustomize.py",
+    package_data={"ns_plugin": ["configs/*.yaml", "_data/*.safetensors", "_site/sitecustomize.py",
                                 "evaluation/templates/*.j2"]},
     install_requires=[
         "torch>=2.1",

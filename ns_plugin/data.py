@@ -43,14 +43,15 @@ def load_digits(seed: int = 0, image_size: int = 32, val_fraction: float = 0.1,
         raise NSPluginError("val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
     raw = _load()
     x = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    x = x.clamp(0, 1).repeat(1, 3, 1, 1).contiguous()
     y = torch.tensor(raw.target, dtype=torch.long)
     idx = list(range(len(y)))
     rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=raw.target)
     train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction), random_state=seed,
                                   stratify=raw.target[rest])
-    sel = lambda ids: TensorDataset(x[sorted(ids)], y[sorted(ids)])  # noqa: E731
+
+    def sel(ids) -> TensorDataset:  # upsampled split by split: one copy of the images at a model's size (224)
+        up = F.interpolate(x[sorted(ids)], size=(image_size, image_size), mode="bilinear", align_corners=False)
+        return TensorDataset(up.clamp_(0, 1).repeat(1, 3, 1, 1), y[sorted(ids)])
     return Splits(sel(train), sel(val), sel(test), [str(i) for i in range(10)])
 
 

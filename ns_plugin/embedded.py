@@ -1,7 +1,7 @@
 """The embedded default job: the tiny ViT on the digits data.
 
 The default model is the **same on every machine**: its weights ship inside the package
-(``ns_plugin/weights/vit_digits_s0_e30.safetensors``, 0.4 MB, safetensors: no pickle) and are checked against
+(``ns_plugin/_data/vit_digits_s0_e30.safetensors``, 0.6 MB, safetensors: no pickle) and are checked against
 the SHA-256 recorded here on every load. Training it from scratch stays available
 (:func:`train_default_model`, ``default_model(source="train")``, ``python tools/make_default_weights.py``)
 but is not machine-independent: the same command gave 95.28% and 94.17% test accuracy on two machines
@@ -69,13 +69,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NS_PLUGIN_CACHE", Path.home() / ".cache" / "ns_plugin"))
 
 
-#: The packaged default (seed 0, 30 epochs): file name under ``ns_plugin/weights`` and its SHA-256.
+#: The packaged default (seed 0, 30 epochs): file name under ``ns_plugin/_data`` and its SHA-256.
 PACKAGED_WEIGHTS = "vit_digits_s0_e30.safetensors"
 PACKAGED_SHA256 = "04d4f64125fbb2cd1ec4fbf9be584979d14d82cde9c6016f65bc00a4b0b56645"
 
 
 def packaged_weights_path() -> Path:
-    return Path(__file__).resolve().parent / "weights" / PACKAGED_WEIGHTS
+    return Path(__file__).resolve().parent / "_data" / PACKAGED_WEIGHTS
 
 
 def sha256_file(path) -> str:

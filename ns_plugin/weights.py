@@ -27,7 +27,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 from urllib.parse import urlparse
 
 import torch
@@ -95,6 +95,19 @@ def unreachable(url: str, timeout: float = NETWORK_TIMEOUT) -> Optional[str]:
 def _reason(e: BaseException) -> str:
     r = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e) or type(e).__name__
     return str(r).splitlines()[0][:80]
+
+
+def _download_status(what: str, src: str, plan: str, *, network: bool, unreachable_line: Callable[[str], str],
+                     unchecked: Optional[str] = None) -> Status:
+    """The tail shared by :func:`pretrained_status` and :func:`init_status` once nothing is cached: ``reachable``
+    with ``plan`` (with ``unchecked`` or ``plan`` and "(network not checked)" unless ``network``), else
+    ``missing`` with ``unreachable_line(why)``."""
+    if not network:
+        return Status(what, "reachable", f"{unchecked or plan} (network not checked)")
+    why = unreachable(src)
+    if why:
+        return Status(what, "missing", unreachable_line(why))
+    return Status(what, "reachable", plan)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,12 +199,10 @@ def pretrained_status(name: str, *, network: bool = True) -> Status:
     if repo and hf_offline() and (has_hf_hub() or not url):
         return Status(what, "missing", f"not in {where} and HF_HUB_OFFLINE is set; run once with network or copy "
                                        f"the snapshot of {repo} into that cache")
-    if not network:
-        return Status(what, "reachable", f"not cached; would download {src} (network not checked)")
-    why = unreachable(src)
-    if why:
-        return Status(what, "missing", f"not in {where}, and {why}; run once with network or copy the weights there")
-    return Status(what, "reachable", f"not cached; will download {src}")
+    return _download_status(what, src, f"not cached; will download {src}", network=network,
+                            unchecked=f"not cached; would download {src}",
+                            unreachable_line=lambda why: f"not in {where}, and {why}; run once with network or "
+                                                         f"copy the weights there")
 
 
 def create_timm(name: str, *, pretrained: bool = False, num_classes: Optional[int] = None, **kwargs) -> nn.Module:
@@ -247,12 +258,9 @@ def init_status(source: str, *, network: bool = True) -> Status:
     cached = url_cache_path(source)
     if cached.is_file():
         return Status(what, "present", f"cached at {cached}", cached)
-    if not network:
-        return Status(what, "reachable", f"will download to {cached} (network not checked)")
-    why = unreachable(source)
-    if why:
-        return Status(what, "missing", f"cannot be downloaded ({why}) and is not in the torch hub cache {cached.parent}")
-    return Status(what, "reachable", f"will download to {cached}")
+    return _download_status(what, source, f"will download to {cached}", network=network,
+                            unreachable_line=lambda why: f"cannot be downloaded ({why}) and is not in the torch hub "
+                                                         f"cache {cached.parent}")
 
 
 def fetch(source: str, *, progress: bool = True) -> Path:

@@ -108,6 +108,26 @@ def test_packaged_default_is_verified_and_reproduces_its_metrics(digits, tmp_pat
         emb.default_model(source="download")
 
 
+def test_package_data_ships_the_packaged_weights_in_a_folder_no_module_shadows():
+    """A wheel carries the packaged weights only if setup.py's package_data matches their path; a data folder
+    named like a module (the old ``ns_plugin/weights/`` beside ``weights.py``) makes ``ns_plugin.weights``
+    mean two things."""
+    import ast
+    from fnmatch import fnmatch
+
+    import ns_plugin.embedded as emb
+    root = Path(__file__).resolve().parents[1]
+    tree = ast.parse((root / "setup.py").read_text())
+    patterns = ast.literal_eval(next(kw.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+                                     for kw in node.keywords if kw.arg == "package_data"))["ns_plugin"]
+    pkg = Path(emb.__file__).resolve().parent
+    rel = emb.packaged_weights_path().relative_to(pkg).as_posix()
+    assert any(fnmatch(rel, pat) for pat in patterns), (rel, patterns)
+    for pat in patterns:
+        top = pat.split("/")[0]
+        assert not (pkg / f"{top}.py").exists(), f"package data folder {top}/ shadows module ns_plugin.{top}"
+
+
 def test_checkpoint_roundtrip_weights_only_and_easyrobust_keys(model, tmp_path):
     from ns_plugin.checkpoint import save_checkpoint, load_checkpoint
     from ns_plugin.models import build_default_model

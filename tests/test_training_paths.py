@@ -135,3 +135,25 @@ def test_train_one_epoch_with_timm_loss_scaler_and_mixup(model, digits):
     assert CountingScaler.calls == 4 and len(seen) == 4
     assert seen[0].shape == (8, 10) and not torch.equal(seen[0], seen[0].round())  # soft targets reached the loss
     assert torch.isfinite(torch.tensor(m["loss"])) and not torch.equal(before, model[1].head.weight)
+
+
+def test_digits_are_upsampled_to_a_timm_model_input_size(caplog):
+    """``data: digits`` (32x32 by default) with ``model: test_vit`` (timm, 160x160 input): the digits are
+    upsampled to the model's input size, as timm's data config would (one info line), and so are the held-out
+    images the NS rounds measure; an ``image_size`` the model cannot take is one clear error."""
+    import logging
+
+    from ns_plugin.errors import NSPluginError
+    from ns_plugin.models import input_size
+    from ns_plugin.training import Trainer
+    cfg = _cfg(method="ns", model="test_vit", num_classes=10, train_limit=16, heldout_size=8)
+    with caplog.at_level(logging.INFO, logger="ns_plugin.training.loop"):
+        t = Trainer(cfg)
+    assert [r.getMessage() for r in caplog.records if r.name == "ns_plugin.training.loop"] == [
+        "the digits data is upsampled to 160x160, the model's input size"]
+    assert input_size(t.raw) == (3, 160, 160) and tuple(t.train_set.tensors[0].shape) == (16, 3, 160, 160)
+    s = t.run()
+    assert s["steps"] == 2 and torch.isfinite(torch.tensor(s["log"][-1]["loss"]))
+    assert tuple(t.heldout_images().shape) == (8, 3, 160, 160) and "heldout_mse_prob" in s["log"][-1]
+    with pytest.raises(NSPluginError, match="image_size 32 does not match the model's input size 160"):
+        Trainer(_cfg(method="standard", model="test_vit", num_classes=10, image_size=32))

@@ -1,4 +1,4 @@
-"""Regenerate the packaged default model (``ns_plugin/weights/vit_digits_s0_e30.safetensors``).
+"""Regenerate the packaged default model (``ns_plugin/_data/vit_digits_s0_e30.safetensors``).
 
     python tools/make_default_weights.py [--out PATH]
 

@@ -79,7 +79,7 @@ class TrainConfig:
     init_ema: bool = False             #: start from the checkpoint's EMA weights (state_dict_ema)
     num_classes: Optional[int] = None
     data: str = "digits"               #: "digits" (embedded) or an ImageFolder root with class subfolders
-    image_size: Optional[int] = None   #: resize folder images (default: the model's input size)
+    image_size: Optional[int] = None   #: resize the images, folder or digits (default: the model's input size)
     train_limit: Optional[int] = None  #: use only the first N training images (quick runs)
     augment: bool = False              #: folder data: RandomResizedCrop + flip (timm / EasyRobust's usual)
     workers: Optional[int] = None      #: folder data: DataLoader workers (None: $NS_PLUGIN_WORKERS or min(8, CPUs-1))

@@ -18,6 +18,7 @@ reproduces an uninterrupted run exactly on CPU.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -36,6 +37,11 @@ from .distributed import init_distributed, search_and_broadcast, set_cuda_precis
 from .state import (CHECKPOINT_FORMAT, BatchStream, ModelEma, architecture_signature,  # noqa: F401
                     SeededItems, StreamBatches, resume_conflicts, rng_state, seed_everything, set_rng_state)
 
+log = logging.getLogger(__name__)
+
+#: side length of the embedded digits when the model does not ask for another (``data.load_digits``' default)
+DIGITS_SIZE = 32
+
 # ---------------------------------------------------------------------------------------------------
 # model and data
 # ---------------------------------------------------------------------------------------------------
@@ -49,14 +55,31 @@ def build_model(cfg: TrainConfig, progress: bool = False) -> nn.Module:
                         num_classes=cfg.num_classes, progress=progress)
 
 
-def build_data(cfg: TrainConfig, model: nn.Module):
-    """``(train_dataset, probe (x, y) or None)``: the embedded digits, or an ImageFolder root (with
-    ``train/`` and optional ``val/`` subfolders, or the classes directly)."""
-    from ..data import image_folder, load_digits, tensors
+def data_image_size(cfg: TrainConfig, model: nn.Module) -> Optional[int]:
+    """The side length the training images are resized to: ``cfg.image_size``, else the model's input size
+    (timm's ``patch_embed.img_size`` or ``pretrained_cfg["input_size"]``, as timm's data config would), else
+    None (folder images keep their size, the digits their 32x32). Refuses an ``image_size`` the model cannot
+    take."""
     from ..models import input_size
 
+    want = (input_size(model) or (3, None, None))[1]
+    if cfg.image_size and want and cfg.image_size != want:
+        raise NSPluginError(f"image_size {cfg.image_size} does not match the model's input size {want}; drop "
+                            f"image_size (images are resized to {want}) or use a model for {cfg.image_size}")
+    return cfg.image_size or want
+
+
+def build_data(cfg: TrainConfig, model: nn.Module):
+    """``(train_dataset, probe (x, y) or None)``: the embedded digits, or an ImageFolder root (with
+    ``train/`` and optional ``val/`` subfolders, or the classes directly), both at the model's input size
+    (:func:`data_image_size`)."""
+    from ..data import image_folder, load_digits, tensors
+
+    size = data_image_size(cfg, model)
     if cfg.data == "digits":
-        s = load_digits(seed=0)
+        if size and size != DIGITS_SIZE:
+            log.info("the digits data is upsampled to %dx%d, the model's input size", size, size)
+        s = load_digits(seed=0, image_size=size or DIGITS_SIZE)
         train = s.train
         probe = tensors(s.val, cfg.probe_size) if cfg.probe else None
     else:
@@ -64,11 +87,6 @@ def build_data(cfg: TrainConfig, model: nn.Module):
         if not root.is_dir():
             raise NSPluginError(f"data folder {root} does not exist; use data: digits or an ImageFolder root")
         from ..data import train_transform
-        want = (input_size(model) or (3, None, None))[1]
-        if cfg.image_size and want and cfg.image_size != want:
-            raise NSPluginError(f"image_size {cfg.image_size} does not match the model's input size {want}; drop "
-                                f"image_size (images are resized to {want}) or use a model for {cfg.image_size}")
-        size = cfg.image_size or want
         tr = root / "train" if (root / "train").is_dir() else root
         # one walk of the folder; decoding happens in the DataLoader's workers (see Trainer.train_batches)
         train = image_folder(tr, transform=train_transform(size, augment=cfg.augment, crop_pct=1.0)
@@ -279,11 +297,10 @@ class Trainer:
             n = self.cfg.heldout_size
             if n:
                 from ..data import image_folder, load_digits, tensors
+                size = data_image_size(self.cfg, self.raw)
                 if self.cfg.data == "digits":
-                    self._heldout = load_digits(seed=0).val.tensors[0][:n]
+                    self._heldout = load_digits(seed=0, image_size=size or DIGITS_SIZE).val.tensors[0][:n]
                 elif (Path(self.cfg.data) / "val").is_dir():
-                    from ..models import input_size
-                    size = self.cfg.image_size or ((input_size(self.raw) or (3, None, None))[1])
                     self._heldout = tensors(image_folder(Path(self.cfg.data) / "val", size), n)[0]
         return self._heldout
 
