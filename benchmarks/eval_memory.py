@@ -74,7 +74,10 @@ def main(argv=None) -> int:
     p.add_argument("--factor", type=int, default=4)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--modes", default="stream,stack")
+    p.add_argument("--quick", action="store_true", help="100 and 400 images, no worker processes (for the tests)")
     a = p.parse_args(argv)
+    if a.quick:
+        a.n, a.factor, a.workers = 100, 4, 0
     res = {"n": a.n, "factor": a.factor, "workers": a.workers}
     with tempfile.TemporaryDirectory() as tmp:
         for n in (a.n, a.n * a.factor):
@@ -84,6 +87,11 @@ def main(argv=None) -> int:
                 res[f"{mode}_{n}"] = r
                 print(f"{mode:6s} N={n:5d}: peak RSS {r['peak_rss_mb']:7.1f} MB (workers {r['worker_peak_rss_mb']} MB), "
                       f"{r['seconds']} s", flush=True)
+    big, small = a.n * a.factor, a.n
+    if "stream" in a.modes:
+        res["stream_growth_mb"] = round(res[f"stream_{big}"]["peak_rss_mb"] - res[f"stream_{small}"]["peak_rss_mb"], 1)
+    if "stack" in a.modes:
+        res["stack_growth_mb"] = round(res[f"stack_{big}"]["peak_rss_mb"] - res[f"stack_{small}"]["peak_rss_mb"], 1)
     print(json.dumps(res))
     return 0
 

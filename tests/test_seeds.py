@@ -63,3 +63,49 @@ def test_two_seed_comparison_tables_tests_and_leaderboard(tmp_path):
     assert again["tables"] == text and again["seeds"] == [0, 1]
     with pytest.raises(NSPluginError, match="holds another run"):     # another config is refused before work
         run_comparison(dict(cfg, seeds=[0, 2]), out, progress=False, log=lambda m: None)
+
+
+def test_seeded_comparison_checks_first_and_owns_its_folder(tmp_path):
+    """Nothing is written when the preflight fails (a 160-pixel timm ViT on the 32x32 digits), and a folder
+    another job holds is refused before anything is written into it."""
+    from ns_plugin.evaluation.harness import load_comparison_config, run_comparison
+    from ns_plugin.io import claim_output
+    quiet = dict(progress=False, log=lambda *a: None)
+    bad = load_comparison_config(None, **dict(TWO_SEEDS, model="test_vit",
+                                              training=dict(TWO_SEEDS["training"], num_classes=10)))
+    with pytest.raises(NSPluginError, match="takes 160x160; use model: default"):
+        run_comparison(bad, tmp_path / "bad", **quiet)
+    assert not (tmp_path / "bad").exists()
+    busy = tmp_path / "busy"
+    with claim_output(busy, what="another job"):
+        with pytest.raises(NSPluginError, match="in use by PID"):
+            run_comparison(load_comparison_config(None, **TWO_SEEDS), busy, **quiet)
+        assert sorted(p.name for p in busy.iterdir()) == [".ns_plugin.lock"]
+
+
+def test_seeded_comparison_under_torchrun_two_ranks(tmp_path):
+    """``torchrun --nproc_per_node 2`` (gloo) over two seeds: rank 0 owns the folder and prints one report."""
+    import os
+    import socket
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(TWO_SEEDS))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(root)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    out = tmp_path / "res"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(port), str(root / "benchmarks" / "compare.py"),
+                        str(cfg_path), "--out", str(out), "--quiet"], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("robustness comparison over seeds [0, 1]") == 1
+    assert json.loads((out / "seeds.json").read_text())["status"] == "complete"
+    for s in (0, 1):
+        run = json.loads((out / f"seed_{s}" / "run.json").read_text())
+        assert run["status"] == "complete"
+        assert {json.loads(p.read_text())["world_size"] for p in (out / f"seed_{s}" / "evals").glob("*.json")} == {2}
+    assert not [p for p in out.rglob(".*") if p.is_file() and p.name != ".ns_plugin.lock"]

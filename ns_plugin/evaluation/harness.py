@@ -267,11 +267,13 @@ def _write_json(path: Path, obj: Any) -> None:
 class Comparison:
     """One comparison run in a results folder (see the module docstring)."""
 
-    def __init__(self, cfg: Dict[str, Any], out: os.PathLike, *, progress: bool = True, log=None):
+    def __init__(self, cfg: Dict[str, Any], out: os.PathLike, *, progress: bool = True, log=None,
+                 preflight: bool = True):
         self.cfg = validate_config(copy.deepcopy(cfg))
         self.out = Path(out)
         self.progress = progress
         self.log = log if log is not None else logger.info  # library messages go through logging
+        self.check_first = preflight   # False: the caller ran the preflight (a comparison over seeds)
         self.hash = config_hash(self.cfg)
         self.baseline_name = self.cfg["runs"][0]["name"]
         self.ranks = _Ranks(1, 0, None)
@@ -716,7 +718,8 @@ class Comparison:
             with contextlib.ExitStack() as owned:
                 def own() -> str:
                     state = self.out / "run.json"
-                    if not state.is_file() or json.loads(state.read_text()).get("status") != "complete":
+                    if self.check_first and (not state.is_file()
+                                             or json.loads(state.read_text()).get("status") != "complete"):
                         self.preflight()  # everything it needs, checked before anything is written
                     owned.enter_context(claim_output(self.out, what=f"ns-plugin comparison {self.cfg['name']!r}"))
                     return self.claim()

@@ -146,6 +146,14 @@ def preflight(cfg: Dict[str, Any], out: os.PathLike, *, network: bool = True) ->
         try:
             W.check_timm_name(model)
             pf.add(f"timm model {model}", "present", "known to timm")
+            if digits:   # the digits' benchmark folders and attacked images are 32x32
+                from timm.models import get_pretrained_cfg
+                pc = get_pretrained_cfg(model)
+                size = tuple(getattr(pc, "input_size", None) or ()) if pc is not None else ()
+                if size and tuple(size[1:]) != (32, 32):
+                    pf.add("digits at the model's input size", "missing",
+                           f"the digits comparison is 32x32 but {model} takes {size[1]}x{size[2]}; use model: "
+                           f"default, or an ImageNet-layout folder as data")
         except NSPluginError as e:
             pf.add(f"timm model {model}", "missing", str(e))
             model = None

@@ -268,43 +268,81 @@ def report(cfg: Mapping[str, Any], out: Path, seeds, *, partial: bool = False) -
 
 
 def run_seeded(cfg: Mapping[str, Any], out: os.PathLike, *, progress: bool = True, log=None) -> Dict[str, Any]:
-    """Run (or resume) the comparison once per seed and write the seeded report (see the module docstring)."""
-    from .harness import Comparison, config_hash, logger, validate_config
+    """Run (or resume) the comparison once per seed and write the seeded report (see the module docstring).
+
+    Before anything is written, everything the seeds need is checked once (:mod:`.preflight`) and ``out`` is
+    claimed (:func:`ns_plugin.io.claim_output`: a second job writing into it fails at once). Under ``torchrun``
+    rank 0 owns ``out`` (its files, the report), every rank trains and evaluates each seed with it. A failure
+    ends with ``seeds.json`` saying ``failed`` and why, an interruption ``partial``."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    from ..errors import one_line
+    from ..io import LOCK_NAME, claim_output
+    from ..training.distributed import init_distributed
+    from .harness import Comparison, _Ranks, config_hash, logger, validate_config
     log = log if log is not None else logger.info
     seeds = check_seeds(cfg["seeds"])
     cfg = validate_config(copy.deepcopy(dict(cfg)))
     out = Path(out)
     h = config_hash(cfg)
     state = out / "seeds.json"
-    if out.exists() and any(out.iterdir()):
-        prev = _read_json(state)
-        if prev is None:
-            raise NSPluginError(f"{out} exists and is not an ns_plugin seeded results folder; choose another --out")
-        if prev.get("config_hash") != h:
-            raise NSPluginError(f"{out} holds another run (config {prev.get('config_hash')}, this one {h}); "
-                                f"choose another --out or remove it (results are never mixed)")
-    out.mkdir(parents=True, exist_ok=True)
-    _write(out / "config.json", json.dumps(cfg, indent=2, default=float) + "\n")
     t0 = time.time()
 
-    def mark(status):
+    def mark(status, **extra):
         _write(state, json.dumps({"config_hash": h, "seeds": seeds, "status": status,
-                                  "updated": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2) + "\n")
+                                  "updated": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}, indent=2) + "\n")
 
-    mark("running")
-    registered: List[str] = []
+    def comparison(s: int, **kw) -> Comparison:
+        return Comparison(seed_config(cfg, s), out / f"seed_{s}", progress=progress, log=log, **kw)
+
+    owns_pg = not (dist.is_available() and dist.is_initialized())
+    rank, world, _ = init_distributed()
+    ranks = _Ranks(world, rank, cfg["eval"]["wait_timeout"])
     try:
-        for s in seeds:
-            log(f"seed {s} ({seeds.index(s) + 1}/{len(seeds)}) -> {out / f'seed_{s}'}")
-            res = Comparison(seed_config(cfg, s), out / f"seed_{s}", progress=progress, log=log).run()
-            registered += res.get("timm_models", [])
-    except KeyboardInterrupt:
-        mark("partial")
-        try:
-            report(cfg, out, seeds, partial=True)
-        except Exception:  # noqa: BLE001 - the partial report is best effort; the interrupt is what matters
-            pass
-        raise
-    res = report(cfg, out, seeds)
-    mark("complete")
+        with contextlib.ExitStack() as owned:
+            def own() -> None:
+                prev = _read_json(state)
+                if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
+                    if prev is None:
+                        raise NSPluginError(f"{out} exists and is not an ns_plugin seeded results folder; choose "
+                                            f"another --out")
+                    if prev.get("config_hash") != h:
+                        raise NSPluginError(f"{out} holds another run (config {prev.get('config_hash')}, this one "
+                                            f"{h}); choose another --out or remove it (results are never mixed)")
+                if (prev or {}).get("status") != "complete":
+                    comparison(seeds[0]).preflight()   # what every seed needs, before anything is written
+                owned.enter_context(claim_output(out, what=f"ns-plugin comparison {cfg['name']!r} over seeds"))
+                _write(out / "config.json", json.dumps(cfg, indent=2, default=float) + "\n")
+                mark("running")
+            ranks.main_value(own)
+            registered: List[str] = []
+            try:
+                for s in seeds:
+                    if ranks.main:
+                        log(f"seed {s} ({seeds.index(s) + 1}/{len(seeds)}) -> {out / f'seed_{s}'}")
+                    res = comparison(s, preflight=False).run()
+                    registered += res.get("timm_models", [])
+            except KeyboardInterrupt:
+                if ranks.main:
+                    mark("partial", reason="interrupted; rerun the same command to resume")
+                    try:
+                        report(cfg, out, seeds, partial=True)
+                    except Exception:  # noqa: BLE001 - the partial report is best effort; the interrupt matters
+                        pass
+                raise
+            except Exception as e:  # noqa: BLE001 - record why, then let it propagate unchanged
+                if ranks.main:
+                    mark("failed", error=one_line(e))
+                raise
+
+            def finish() -> Dict[str, Any]:
+                r = report(cfg, out, seeds)
+                mark("complete")
+                return r
+            res = ranks.main_value(finish)
+    finally:
+        if owns_pg and world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
     return dict(res, config_hash=h, seconds_this_call=round(time.time() - t0, 1), timm_models=registered)
