@@ -109,3 +109,25 @@ def test_seeded_comparison_under_torchrun_two_ranks(tmp_path):
         assert run["status"] == "complete"
         assert {json.loads(p.read_text())["world_size"] for p in (out / f"seed_{s}" / "evals").glob("*.json")} == {2}
     assert not [p for p in out.rglob(".*") if p.is_file() and p.name != ".ns_plugin.lock"]
+
+
+def test_seeded_tables_rows_have_as_many_cells_as_their_header():
+    """Table 4 of the report over seeds names the run of each row: its header says so (a misaligned markdown
+    table would shift every number one column to the right)."""
+    from ns_plugin.evaluation import stats as st
+    from ns_plugin.evaluation.harness import TABLE2_COLS, load_comparison_config
+    from ns_plugin.evaluation.seeds import seeded_markdown
+    cfg = load_comparison_config(None)          # the demo config: Tables 2, 3 and 4
+    names = {r["name"] for r in cfg["runs"]}
+    summaries = {n: {c: st.summarize([50.0, 52.0, 54.0]) for c in TABLE2_COLS + ["Average"]} for n in names}
+    md = seeded_markdown(cfg, [0, 1, 2], summaries, [], [])
+    tables = [b for b in md["text"].split("\n\n") if b.lstrip().startswith("|")]
+    assert len(tables) >= 3
+    for block in tables:
+        rows = [r for r in block.strip().splitlines() if r.startswith("|")]
+        widths = {r.count("|") for r in rows}
+        assert len(widths) == 1, block
+    t4 = next(b for b in tables if "Fine-tuning" in b)
+    assert "| ε | Fine-tuning | Run | FGSM |" in t4
+    head, rows = md["csvs"]["table4"]
+    assert all(len(r) == len(head) for r in rows)

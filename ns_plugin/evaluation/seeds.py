@@ -135,7 +135,7 @@ def seeded_markdown(cfg: Mapping[str, Any], seeds, summaries, comps: List[st.Pai
         return name if n == len(seeds) else f"{name} (n={n})"
 
     def table(title, names, cols, key, prefix=None):
-        head = (["ε", "Fine-tuning"] if prefix else ["Method"]) + cols
+        head = (["ε", "Fine-tuning", "Run"] if prefix else ["Method"]) + cols
         lines.append(f"## {title}\n")
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
@@ -152,7 +152,8 @@ def seeded_markdown(cfg: Mapping[str, Any], seeds, summaries, comps: List[st.Pai
                 row += ["" if s is None else round(s.mean, 2), "" if s is None or s.sd is None else round(s.sd, 2)]
             rows_csv.append(row)
         lines.append("")
-        csv_head = (["eps", "Fine-tuning"] if prefix else ["Method"]) + [f"{c}{suf}" for c in cols for suf in ("", "_sd")]
+        csv_head = ((["eps", "Fine-tuning", "Run"] if prefix else ["Method"])
+                    + [f"{c}{suf}" for c in cols for suf in ("", "_sd")])
         csvs[key] = (csv_head, rows_csv)
 
     if "table2" in tabs:
