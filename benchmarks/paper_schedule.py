@@ -47,7 +47,7 @@ COMPARISONS = [("ViT + NS", "ViT"), ("ViT + NS", "ViT + FT"), ("ViT + NS", "rand
                ("ViT + NS", "TRADES"), ("ViT + FT", "ViT"), ("random", "ViT")]
 PAIRED_METRICS = ["Clean", "FGSM", "PGD", "DamageNet", "A", "V2", "R", "Sketch", "Stylized"]
 TABLE_COLS = ["Clean", "FGSM", "PGD", "DamageNet", "A", "C", "V2", "R", "Sketch", "Stylized"]
-SET_COLS = {"DamageNet": "damagenet", "A": "imagenet-a"}
+SET_COLS = {"DamageNet": "damagenet", "A": "natural-adversarial"}   # surrogate_sets.A_STYLE_FOLDER
 
 
 def slug(name: str) -> str:

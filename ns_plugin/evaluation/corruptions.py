@@ -228,7 +228,9 @@ def write_benchmark_folders(root: os.PathLike | str, test: Sequence[torch.Tensor
         if n_cls != 1000:
             note += (f"Renditions are in {RENDITION_FOLDER_SMALL}/, not imagenet-r/: EasyRobust's evaluate_imagenet_r "
                      f"keeps 200 of 1000 ImageNet logits and fails for {n_cls} classes; evaluate the folder with "
-                     f"evaluate_imagenet_val.\n")
+                     f"evaluate_imagenet_val. Likewise an ImageNet-A-style set (ns_plugin.evaluation.surrogate_sets) "
+                     f"goes to natural-adversarial/, not imagenet-a/ (evaluate_imagenet_a masks the same way); "
+                     f"benchmark.py skips both folders, ns_plugin reads them for the R and A columns.\n")
         (tmp / "EASYROBUST.txt").write_text(note)
         os.replace(tmp, root)
     except BaseException:

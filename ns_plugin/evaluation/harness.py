@@ -321,7 +321,7 @@ class Comparison:
             from ..data import load_digits
             cors = self._corruptions()
             key = "all" if cors == list(IMAGENET_C) else "-".join(cors)
-            root = _bench_cache() / f"digits_s0_sev{''.join(map(str, sev))}_{key}_r2"  # r2: rendition/ layout
+            root = _bench_cache() / f"digits_s0_sev{''.join(map(str, sev))}_{key}_r3"  # r3: rendition/, natural-adversarial/
 
             def write():
                 s = load_digits(seed=0)
@@ -331,7 +331,8 @@ class Comparison:
                                             corruptions=cors, progress=self.progress)
                 if cfg["eval"].get("surrogate_sets"):
                     from .surrogate_sets import ensure_surrogate_sets
-                    if not ((root / "damagenet").is_dir() and (root / "imagenet-a").is_dir()):
+                    from .surrogate_sets import A_STYLE_FOLDER
+                    if not ((root / "damagenet").is_dir() and (root / A_STYLE_FOLDER).is_dir()):
                         self.log("building the DamageNet-style and ImageNet-A-style sets from independent "
                                  "surrogates (once; cached)")
                     ensure_surrogate_sets(root, s.test.tensors, progress=self.progress)
@@ -577,7 +578,7 @@ class Comparison:
                 continue
             if not (root / folder).is_dir() and any((root / f).is_dir() for f, (_, c) in SHIFT_FOLDERS.items()
                                                      if c == col and f != folder):
-                continue  # the column's other folder holds it (imagenet-r for 1000 classes, rendition otherwise)
+                continue  # the column's other folder holds it (imagenet-r / imagenet-a for 1000 classes)
             if n_cls != 1000 and evaluator in ("evaluate_imagenet_a", "evaluate_imagenet_r"):
                 evaluator = "evaluate_imagenet_val"  # their 200-class masks assume 1000 ImageNet logits
             acc = self.folder(model, root / folder, tf, evaluator)

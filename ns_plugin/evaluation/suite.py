@@ -41,6 +41,7 @@ SHIFT_FOLDERS = {
     "imagenet-sketch": ("evaluate_imagenet_sketch", "Sketch"),
     "imagenet-style": ("evaluate_stylized_imagenet", "Stylized"),
     "imagenet-a": ("evaluate_imagenet_a", "A"),
+    "natural-adversarial": ("evaluate_imagenet_val", "A"),   # the digits' ImageNet-A-style set (surrogate_sets)
 }
 
 

@@ -13,7 +13,10 @@ models other than the one evaluated, and are rebuilt here the same way, at digit
   when independent models misclassify them (ImageNet-A filtered against ResNet-50s). Here: 8 random natural
   shifts (rotation ±25°, translation ±12%, scale 0.8-1.2, shear ±10°, brightness/contrast ±20%) of every
   held-out test image, kept when **every** surrogate (tiny ViTs trained with seeds 1 and 2) gets it wrong,
-  written to ``imagenet-a/<class>/`` (all ten class folders, some may hold few images).
+  written to ``natural-adversarial/<class>/`` (all ten class folders, some may hold few images). Not
+  ``imagenet-a/``: EasyRobust's ``benchmark.py`` evaluates that folder with ``evaluate_imagenet_a``, which keeps
+  200 of 1000 ImageNet logits and fails for a 10-class model (renditions go to ``rendition/`` for the same
+  reason); ``benchmark.py`` skips this folder, ns_plugin reads it for the A column.
 
 Neither set involves the evaluated models, so the columns are transfer/hard-example accuracies, not white-box
 ones. ``manifest.json`` in each folder records how it was made (surrogates, their test accuracy, attack or
@@ -31,6 +34,9 @@ import torch
 from torch import nn
 
 from ..errors import NSPluginError
+#: the folder of the ImageNet-A-style set (see the module docstring for why it is not ``imagenet-a``)
+A_STYLE_FOLDER = "natural-adversarial"
+
 
 SURROGATE_SEEDS = (1, 2)
 DAMAGENET = dict(eps=8 / 255, alpha=1 / 255, steps=20, seed=0)
@@ -162,11 +168,12 @@ def write_imagenet_a_style(root, x: torch.Tensor, y: torch.Tensor, surrogates: S
 
 def ensure_surrogate_sets(root, test: Sequence[torch.Tensor], *, seeds: Sequence[int] = SURROGATE_SEEDS,
                           epochs: int = 30, progress: bool = False) -> Dict[str, Path]:
-    """``root/damagenet`` and ``root/imagenet-a`` for the embedded default, built once (cached) from the test
-    split ``(x, y)`` and surrogates trained with ``seeds``. Returns the two folders."""
+    """``root/damagenet`` and ``root/natural-adversarial`` (:data:`A_STYLE_FOLDER`) for the embedded default,
+    built once (cached) from the test split ``(x, y)`` and surrogates trained with ``seeds``. Returns the two
+    folders."""
     root = Path(root)
     x, y = test
-    out = {"damagenet": root / "damagenet", "imagenet-a": root / "imagenet-a"}
+    out = {"damagenet": root / "damagenet", A_STYLE_FOLDER: root / A_STYLE_FOLDER}
     if all(p.is_dir() for p in out.values()):
         return out
     models = surrogate_models(seeds, epochs=epochs, progress=progress)
@@ -174,6 +181,6 @@ def ensure_surrogate_sets(root, test: Sequence[torch.Tensor], *, seeds: Sequence
              "test_acc": round(100 * float(m[1].get("test_acc", float("nan"))), 2)} for s, m in zip(seeds, models)]
     if not out["damagenet"].is_dir():
         write_damagenet_style(out["damagenet"], x, y, models[0][0], surrogate_info=info[0])
-    if not out["imagenet-a"].is_dir():
-        write_imagenet_a_style(out["imagenet-a"], x, y, [m for m, _ in models], surrogate_info=info)
+    if not out[A_STYLE_FOLDER].is_dir():
+        write_imagenet_a_style(out[A_STYLE_FOLDER], x, y, [m for m, _ in models], surrogate_info=info)
     return out
