@@ -171,3 +171,13 @@ def test_preflight_stops_bad_input_in_one_line_before_training(caches, tmp_path)
     # a benchmark column whose folder is missing
     _stops(_cfg(data, eval={"skip": ["DamageNet", "A", "C", "V2", "Sketch", "Stylized"]}), out,
            r"column R: no folder .*imagenet-r; add it .* or list R under eval.skip")
+
+
+def test_preflight_finds_the_installed_autoattack(tmp_path):
+    """``eval.autoattack`` is checked against the ``autoattack`` the install step adds (fra31's, as vendored by
+    easyrobust), not against a module that no longer exists."""
+    from ns_plugin.evaluation.harness import load_comparison_config
+    from ns_plugin.evaluation.preflight import preflight
+    cfg = load_comparison_config(None, eval={"autoattack": {"eps": 8 / 255, "version": "standard"}})
+    row = next(r for r in preflight(cfg, tmp_path / "out", network=False).rows if r.item == "column AutoAttack")
+    assert row.state == "present" and "fra31" in row.detail, row

@@ -245,10 +245,10 @@ def preflight(cfg: Dict[str, Any], out: os.PathLike, *, network: bool = True) ->
                                               f"DamageNet under eval.skip")
     if ev.get("autoattack"):
         try:
-            from .. import compat
-            compat.ensure_autoattack()
+            from ..integrations import robustbench as rb
+            source = rb.ensure_autoattack()
             import autoattack  # noqa: F401
-            pf.add("column AutoAttack", "present", "autoattack importable")
+            pf.add("column AutoAttack", "present", f"autoattack importable ({source})")
         except Exception as e:  # noqa: BLE001
             pf.add("column AutoAttack", "missing", f"cannot import autoattack ({type(e).__name__}: {e})")
 
