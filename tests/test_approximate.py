@@ -270,3 +270,35 @@ def test_cli_noise(trained, digits, tmp_path, capsys):
     assert main(["noise", "--checkpoint", str(ckpt), "--eps", "0", "--out", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "error: argument --eps: value must be" in err and not bad.exists()
+
+
+def test_search_batches_over_a_worker_dataloader_are_freed_without_the_cyclic_gc(model, digits):
+    """The noise search's batch stream holds no reference cycle: when the search drops it, the partly consumed
+    DataLoader iterator (and its worker processes) goes at once, not later in whatever process the cyclic
+    collector runs in (a forked DataLoader worker of the evaluation: "AssertionError: can only test a child
+    process" on stderr)."""
+    import gc
+    import weakref
+
+    from torch.utils.data import DataLoader, Dataset
+
+    from ns_plugin.nullspace._common import _Batches
+
+    x = digits.train.tensors[0][:16]
+
+    class Images(Dataset):
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, i):
+            return x[i]
+
+    gc.disable()
+    try:
+        b = _Batches(DataLoader(Images(), batch_size=4, num_workers=1), model, 4, None)
+        assert next(b).shape == (4, *x.shape[1:])
+        stream = weakref.ref(b._it)
+        del b
+        assert stream() is None
+    finally:
+        gc.enable()

@@ -158,29 +158,34 @@ class _Batches:
         else:
             raise NSPluginError(f"search data must be an image tensor (N, C, H, W), a Dataset, a DataLoader or an "
                                 f"iterable of batches, got {type(data).__name__}")
-        self._it = self._stream()
-
-    def _stream(self) -> Iterator[torch.Tensor]:
-        from ..models import check_images
-        if self.x is not None:
-            n = len(self.x)
-            while True:
-                perm = torch.randperm(n, generator=self.generator, device=_gen_device(self.generator))
-                perm = perm.to(self.x.device)
-                for i in range(0, n, self.bs):
-                    yield self.x[perm[i:i + self.bs]].to(self.device)
-        while True:
-            got = 0
-            for batch in self.loader:
-                x = _first_tensor(batch, "search data")
-                check_images(x, self.model, what="search images")
-                got += 1
-                yield x.to(self.device)
-            if got == 0:
-                raise NSPluginError("search data yielded no batches; pass a non-empty data set")
+        # a generator that does not hold ``self``: no reference cycle, so a DataLoader iterator with workers is
+        # released (its workers stopped) as soon as the search drops this object, never later by the cyclic
+        # garbage collector in some forked process ("AssertionError: can only test a child process")
+        self._it = _stream(self.x, self.loader, self.model, self.device, self.generator, self.bs)
 
     def __next__(self) -> torch.Tensor:
         return next(self._it)
+
+
+def _stream(x: Optional[torch.Tensor], loader, model: nn.Module, device, generator, bs: int) -> Iterator[torch.Tensor]:
+    """The batches of :class:`_Batches`, cycled forever."""
+    from ..models import check_images
+    if x is not None:
+        n = len(x)
+        while True:
+            perm = torch.randperm(n, generator=generator, device=_gen_device(generator))
+            perm = perm.to(x.device)
+            for i in range(0, n, bs):
+                yield x[perm[i:i + bs]].to(device)
+    while True:
+        got = 0
+        for batch in loader:
+            xb = _first_tensor(batch, "search data")
+            check_images(xb, model, what="search images")
+            got += 1
+            yield xb.to(device)
+        if got == 0:
+            raise NSPluginError("search data yielded no batches; pass a non-empty data set")
 
 
 def uniform_noise(shape: Sequence[int], lim: float = 3.0, *, generator=None,
