@@ -16,6 +16,7 @@ run of another config is refused, never mixed.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -708,14 +709,8 @@ class Comparison:
         train with it (DDP), evaluate their shards and get rank 0's answers, never reading a file rank 0 is
         writing. A failure ends with ``run.json`` saying ``failed`` and why (``partial`` and the signal when
         interrupted)."""
-        import contextlib
-        import torch.distributed as dist
         from ..io import claim_output
-        from ..training.distributed import init_distributed
-        owns_pg = not (dist.is_available() and dist.is_initialized())
-        rank, world, self.device = init_distributed()
-        self.ranks = _Ranks(world, rank, self.cfg["eval"]["wait_timeout"])
-        try:
+        with rank_session(self.cfg["eval"]["wait_timeout"]) as (self.ranks, self.device):
             with contextlib.ExitStack() as owned:
                 def own() -> str:
                     state = self.out / "run.json"
@@ -734,9 +729,6 @@ class Comparison:
                         from ..errors import one_line
                         self._state("failed", error=one_line(e))
                     raise
-        finally:
-            if owns_pg and world > 1 and dist.is_initialized():
-                dist.destroy_process_group()
 
     def _run(self, status: str) -> Dict[str, Any]:
         from tqdm.auto import tqdm
@@ -790,6 +782,22 @@ def _gather_interleaved(ok, ranks: "_Ranks"):
     dist.all_gather_object(parts, ok.cpu().tolist(), group=ranks.group)
     n = sum(len(p) for p in parts)
     return torch.tensor([parts[i % ranks.world][i // ranks.world] for i in range(n)], dtype=torch.bool)
+
+
+@contextlib.contextmanager
+def rank_session(wait_timeout: int):
+    """``(ranks, device)`` of this launch (:class:`_Ranks`; ``torchrun`` or one process); a process group it
+    had to initialise is destroyed on exit. Used by a comparison and by a comparison over seeds (which opens
+    the session once for all its seeds)."""
+    import torch.distributed as dist
+    from ..training.distributed import init_distributed
+    owns_pg = not (dist.is_available() and dist.is_initialized())
+    rank, world, device = init_distributed()
+    try:
+        yield _Ranks(world, rank, wait_timeout), device
+    finally:
+        if owns_pg and world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 class _Ranks:

@@ -277,12 +277,9 @@ def run_seeded(cfg: Mapping[str, Any], out: os.PathLike, *, progress: bool = Tru
     ends with ``seeds.json`` saying ``failed`` and why, an interruption ``partial``."""
     import contextlib
 
-    import torch.distributed as dist
-
     from ..errors import one_line
     from ..io import LOCK_NAME, claim_output
-    from ..training.distributed import init_distributed
-    from .harness import Comparison, _Ranks, config_hash, logger, validate_config
+    from .harness import Comparison, config_hash, logger, rank_session, validate_config
     log = log if log is not None else logger.info
     seeds = check_seeds(cfg["seeds"])
     cfg = validate_config(copy.deepcopy(dict(cfg)))
@@ -298,10 +295,7 @@ def run_seeded(cfg: Mapping[str, Any], out: os.PathLike, *, progress: bool = Tru
     def comparison(s: int, **kw) -> Comparison:
         return Comparison(seed_config(cfg, s), out / f"seed_{s}", progress=progress, log=log, **kw)
 
-    owns_pg = not (dist.is_available() and dist.is_initialized())
-    rank, world, _ = init_distributed()
-    ranks = _Ranks(world, rank, cfg["eval"]["wait_timeout"])
-    try:
+    with rank_session(cfg["eval"]["wait_timeout"]) as (ranks, _):
         with contextlib.ExitStack() as owned:
             def own() -> None:
                 prev = _read_json(state)
@@ -343,7 +337,4 @@ def run_seeded(cfg: Mapping[str, Any], out: os.PathLike, *, progress: bool = Tru
                 mark("complete")
                 return r
             res = ranks.main_value(finish)
-    finally:
-        if owns_pg and world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
     return dict(res, config_hash=h, seconds_this_call=round(time.time() - t0, 1), timm_models=registered)
